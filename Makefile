@@ -1,0 +1,54 @@
+# PathoSCOPE. `make help` lists the targets; the two that matter first are `make train` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DATASET ?= demo
+SHOTS ?= 2
+REPEATS ?= 1
+CONFIG ?=
+DATA_ROOT ?=
+LOGGER ?= csv
+RUNS ?= runs/$(DATASET)
+SWEEP ?= experiments/sweeps/eta.yaml
+
+.DEFAULT_GOAL := help
+.PHONY: help install train table grid sweep test bench lint
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: DATASET=demo|brats|chestxray8 SHOTS=K REPEATS=N DATA_ROOT=DIR CONFIG=NAME LOGGER=csv|wandb"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv/ (torch pinned via constraints.txt) and install the project editable with test extras
+
+train: $(STAMP) ## fit + test seeds 0..REPEATS-1 (DATASET=demo by default: synthetic BraTS, K=2, 128 px) and print the table
+	$(BIN)/pathoscope train --dataset $(DATASET) --shots $(SHOTS) --repeats $(REPEATS) \
+		$(if $(CONFIG),--config-name $(CONFIG)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --logger $(LOGGER)
+
+table: $(STAMP) ## gather every config and K under RUNS=runs/<dataset> into one Markdown table + CSV
+	$(BIN)/pathoscope table --runs $(RUNS)
+
+grid: $(STAMP) ## local parameter grid without any account, e.g. ARGS="--config experiments/demo.yaml --param model.eta=0.01,0.05"
+	$(BIN)/pathoscope grid $(ARGS)
+
+sweep: $(STAMP) ## create the W&B sweep SWEEP=experiments/sweeps/eta.yaml and start an agent (needs a W&B server/account)
+	$(BIN)/wandb sweep $(SWEEP) 2>&1 | tee .sweep.log
+	$(BIN)/wandb agent $$(grep -oE 'wandb agent \S+' .sweep.log | tail -1 | cut -d' ' -f3)
+
+test: $(STAMP) ## run the test suite (all but GPU tests without CUDA)
+	$(BIN)/pytest -q tests
+
+bench: $(STAMP) ## speed and cost benchmarks, side by side in one run; writes bench.json
+	$(BIN)/pathoscope bench
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

@@ -1,0 +1,520 @@
+"""BraTS2020 few-shot data module (NIfTI via nibabel).
+
+Layout: `root` is the `MICCAI_BraTS2020_TrainingData` folder, its parent, or any folder of subject
+folders `BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii[.gz]` (listings
+sorted). Axial slice k is `vol[:, :, k]` as stored (no reorientation); `slice_range` is inclusive
+(60..90 = 31 slices). `gt_mask = seg > 0`; a healthy slice has an empty `gt_mask` (at the stored
+resolution). In-range slices without any brain voxel (possible only at a volume's ends) are
+neither healthy nor tumorous: they are never used.
+
+Split procedure (all choices rank names by a hash of (seed, purpose, name), see common.py):
+1. Scan every subject: file names, headers (3D, equal shapes, depth covers slice_range) and the
+   in-range part of the segmentation and of the first modality, giving each subject's healthy and
+   tumorous in-range slices.
+   Subjects failing a check are reported (logging.warning with the file) and skipped;
+   `strict=True` raises the DataError instead.
+2. Test pool: the smallest prefix of the `test_seed` ranking of subjects whose in-range slices
+   include `n_test_healthy` healthy and `n_test_tumorous` tumorous ones, leaving at least `shots`
+   subjects with a healthy slice outside the pool (DataError otherwise). Test slices: the first
+   `n_test_healthy` healthy and `n_test_tumorous` tumorous in-range slices of the pool in the
+   `test_seed` ranking of (subject, slice). The pool depends only on `test_seed`, never on `seed`
+   or `shots`, so repeats vary only the training shots.
+3. Training: the first `shots` subjects outside the pool (with a healthy in-range slice) in the
+   `seed` ranking; for each, its first healthy in-range slice in the `seed` ranking. Validation:
+   the other healthy in-range slices of those subjects (see common.FewShotDataModule).
+4. Only the selected subjects' volumes are read in full; a subject whose volume then fails (e.g.
+   truncated file, all-zero volume) is reported and the selection is redone without it.
+
+Preprocessing per volume and modality: clip to [0, p99.5] where p99.5 is the 99.5th percentile of
+the brain voxels (> 0), divide by p99.5 -> [0, 1]; `foreground` = voxels > 0 in any chosen
+modality; slices resized to `image_size` (bilinear/area; masks nearest). Only the selected
+in-range slices stay in memory. The optional `cache_dir` (outside the data root) stores the scan
+summary and preprocessed slices per subject, keyed by the files' names, sizes and modification
+times and by every preprocessing argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from data_modules.common import (
+    FewShotDataModule,
+    Sample,
+    Split,
+    choose_test_pool,
+    rank_key,
+    select_loading,
+)
+from data_modules.errors import DataError
+from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, resize
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+BRATS_DIRNAME = "MICCAI_BraTS2020_TrainingData"
+CLIP_PERCENTILE = 99.5
+_CACHE_VERSION = 1
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# ----------------------------------------------------------------------------- volume helpers
+def _rel(path: Path) -> str:
+    """`subject_folder/file` for messages."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def load_volume(path: str | Path) -> np.ndarray:
+    """A 3D NIfTI volume as float32 (H, W, D); DataError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for bad headers
+        raise DataError(f"{_rel(path)}: cannot read NIfTI header ({exc})") from exc
+    _check_3d(path, img.shape)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # truncated gzip: EOFError, OSError, zlib.error...
+        raise DataError(f"{_rel(path)}: cannot read the volume data ({exc})") from exc
+    return data.reshape(data.shape[:3])
+
+
+def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    core = tuple(int(s) for s in shape)
+    while len(core) > 3 and core[-1] == 1:  # (H, W, D, 1) is still one volume
+        core = core[:-1]
+    if len(core) != 3:
+        raise DataError(f"{_rel(path)}: expected a 3D volume, got shape {tuple(shape)}")
+    return core[0], core[1], core[2]
+
+
+def normalize_volume(volume: np.ndarray) -> np.ndarray:
+    """Clip to [0, p99.5 of the voxels > 0] and scale to [0, 1] (float32, same shape)."""
+    brain = volume[volume > 0]
+    if brain.size == 0:
+        raise DataError("all voxels are zero")
+    top = float(np.percentile(brain, CLIP_PERCENTILE))
+    return (np.clip(volume, 0.0, top) / top).astype(np.float32)
+
+
+def preprocess_slices(
+    volumes: list[np.ndarray],
+    slices: list[int],
+    image_size: int,
+    seg: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Normalised volumes (one per channel) -> resized axial slices.
+
+    Returns `image` (N, S, S, C) float32, `foreground` (N, S, S) bool (any channel > 0) and, when
+    `seg` (H, W, D) is given, `gt_mask` (N, S, S) bool (seg > 0). Axial slice k = vol[:, :, k].
+    """
+    out: dict[str, list[np.ndarray]] = {"image": [], "foreground": [], "gt_mask": []}
+    for k in slices:
+        image = np.stack([v[:, :, k] for v in volumes], axis=-1)  # (H, W, C)
+        masks = {"foreground": image.max(axis=-1) > 0}
+        if seg is not None:
+            masks["gt_mask"] = seg[:, :, k] > 0
+        image, masks = resize(image, image_size, masks)
+        out["image"].append(image)
+        for name, mask in masks.items():
+            out[name].append(mask)
+    return {name: np.stack(arrays) for name, arrays in out.items() if arrays}
+
+
+# ----------------------------------------------------------------------------- subjects
+@dataclass
+class _Subject:
+    name: str
+    images: list[Path]  # one per chosen modality
+    seg: Path
+    tumorous: np.ndarray  # (n_range,) bool, in-range slices with seg > 0
+    has_brain: np.ndarray  # (n_range,) bool, in-range slices with voxels > 0
+
+
+@dataclass
+class _Selection:
+    pool: list[str]
+    test: list[tuple[str, int]]  # (subject, slice)
+    train: list[tuple[str, int]]  # sorted by subject
+    val: dict[str, list[int]]  # training subject -> other healthy slices
+
+
+def _find_file(folder: Path, key: str) -> Path:
+    """`{folder}_{key}.nii[.gz]`, else the one file ending `_{key}.nii[.gz]`; DataError if none."""
+    for suffix in _NIFTI_SUFFIXES:
+        path = folder / f"{folder.name}_{key}{suffix}"
+        if path.is_file():
+            return path
+    matches = sorted(p for s in _NIFTI_SUFFIXES for p in folder.glob(f"*_{key}{s}"))
+    if len(matches) == 1:
+        return matches[0]
+    found = sorted(p.name for p in folder.iterdir())
+    raise DataError(
+        f"{folder.name}/{folder.name}_{key}.nii.gz: missing (expected "
+        f"{folder.name}_{key}.nii or .nii.gz; the folder has {found})"
+    )
+
+
+def find_subject_dirs(root: str | Path) -> list[Path]:
+    """Sorted subject folders under `root` (or its `MICCAI_BraTS2020_TrainingData` folder)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"{root}: BraTS root folder {what}")
+    base = root / BRATS_DIRNAME if (root / BRATS_DIRNAME).is_dir() else root
+    dirs = sorted(
+        d
+        for d in base.iterdir()
+        if d.is_dir() and any(p.name.endswith(_NIFTI_SUFFIXES) for p in d.iterdir())
+    )
+    if not dirs:
+        raise DataError(
+            f"{root}: no subject folders with .nii/.nii.gz files (expected {BRATS_DIRNAME}/"
+            "BraTS20_Training_XXX/BraTS20_Training_XXX_flair.nii.gz ...)"
+        )
+    return dirs
+
+
+class BraTSDataModule(FewShotDataModule):
+    """BraTS2020 few-shot split (module docstring); items as in data_contract.md."""
+
+    dataset_name = "brats"
+
+    def __init__(
+        self,
+        root: str,
+        shots: int,
+        seed: int = 0,
+        test_seed: int = 0,
+        modality: str | list[str] = "flair",
+        slice_range: tuple[int, int] = (60, 90),
+        n_test_healthy: int = 130,
+        n_test_tumorous: int = 290,
+        image_size: int = 256,
+        batch_size: int = 8,
+        steps_per_epoch: int = 20,
+        num_workers: int = 0,
+        strict: bool = False,
+        cache_dir: str | None = None,
+        textures: str | None = None,
+        lesion_min_fraction: float = 0.5,
+    ) -> None:
+        super().__init__(
+            shots,
+            seed,
+            test_seed,
+            image_size,
+            batch_size,
+            steps_per_epoch,
+            num_workers,
+            textures,
+            lesion_min_fraction,
+        )
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        mods = [modality] if isinstance(modality, str) else list(modality)
+        if len(mods) not in (1, 3) or any(m not in MODALITIES for m in mods):
+            raise ValueError(
+                f"modality must be one of {MODALITIES} or a list of three of them, got {modality!r}"
+            )
+        self.modalities = mods
+        lo, hi = (int(v) for v in slice_range)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"slice_range must be (lo, hi) with 0 <= lo <= hi, got {slice_range}")
+        self.slice_range = (lo, hi)
+        if n_test_healthy < 0 or n_test_tumorous < 0:
+            raise ValueError("n_test_healthy and n_test_tumorous must be >= 0")
+        self.n_test_healthy = int(n_test_healthy)
+        self.n_test_tumorous = int(n_test_tumorous)
+        self.strict = bool(strict)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._subjects: dict[str, _Subject] = {}
+        self._loaded: dict[str, dict[str, np.ndarray]] = {}
+
+    # ------------------------------------------------------------------------- public info
+    def preprocessing(self) -> dict[str, object]:
+        return {
+            "dataset": self.dataset_name,
+            "modality": list(self.modalities),
+            "channels": "one modality replicated to 3 channels"
+            if len(self.modalities) == 1
+            else "three modalities as the 3 channels, in this order",
+            "slice_range": list(self.slice_range),
+            "image_size": self.image_size,
+            "normalization": (
+                f"per volume and modality: clip to [0, p{CLIP_PERCENTILE}] of the voxels > 0, "
+                f"divide by p{CLIP_PERCENTILE} -> [0, 1]; resize (bilinear/area, masks nearest); "
+                f"then ImageNet mean {list(IMAGENET_MEAN)} / std {list(IMAGENET_STD)}"
+            ),
+            "foreground": "voxels > 0 in any chosen modality",
+            "orientation": "axial slice k = vol[:, :, k] of the stored array, no reorientation "
+            "(BraTS/ITK LPS affine)",
+        }
+
+    # ------------------------------------------------------------------------- split
+    def _build_split(self) -> Split:
+        self._check_cache_dir()
+        subjects, n_bad = self._scan_all()
+        self._subjects = subjects
+        selection, bad = select_loading(
+            lambda bad: self._select(subjects, bad), self._load_selection
+        )
+        lo = self.slice_range[0]
+
+        def sample(subject: str, k: int, label: int) -> Sample:
+            arrays = self._loaded[subject]
+            i = k - lo
+            return Sample(
+                image=arrays["image"][i],
+                foreground=arrays["foreground"][i],
+                gt_mask=arrays["gt_mask"][i],
+                has_mask=True,
+                label=label,
+                subject=subject,
+                slice=k,
+            )
+
+        test = [sample(s, k, int(subjects[s].tumorous[k - lo])) for s, k in sorted(selection.test)]
+        train = [sample(s, k, 0) for s, k in selection.train]
+        val = [[sample(s, k, 0) for k in selection.val[s]] for s, _ in selection.train]
+        # Keep only the selected slices (the Samples above hold views of them: copy).
+        for group in [test, train, *val]:
+            for smp in group:
+                smp.image, smp.foreground = smp.image.copy(), smp.foreground.copy()
+                smp.gt_mask = smp.gt_mask.copy()
+        self._loaded = {}
+        return Split(
+            train=train,
+            val_normal=val,
+            test=test,
+            train_subjects=[s for s, _ in selection.train],
+            test_subjects=sorted(selection.pool),
+            info={
+                "usable_subjects": len(subjects) - len(bad),
+                "skipped_subjects": n_bad + len(bad),
+                "test_healthy": sum(1 for t in test if t.label == 0),
+                "test_tumorous": sum(1 for t in test if t.label == 1),
+            },
+        )
+
+    def _check_cache_dir(self) -> None:
+        if self.cache_dir is None:
+            return
+        cache = self.cache_dir.resolve()
+        root = self.root.resolve()
+        if cache == root or root in cache.parents:
+            raise DataError(
+                f"cache_dir {self.cache_dir} is inside the data root {self.root}: nothing may be "
+                "written into the data root; choose a folder outside it"
+            )
+
+    def _report(self, err: DataError) -> None:
+        if self.strict:
+            raise err
+        log.warning("skipping BraTS subject: %s", err)
+
+    def _scan_all(self) -> tuple[dict[str, _Subject], int]:
+        dirs = find_subject_dirs(self.root)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(self._scan_subject_safe, dirs))
+        subjects: dict[str, _Subject] = {}
+        n_bad = 0
+        for result in results:
+            if isinstance(result, DataError):
+                self._report(result)
+                n_bad += 1
+            else:
+                subjects[result.name] = result
+        if not subjects:
+            raise DataError(f"{self.root}: none of the {len(dirs)} subject folders is usable")
+        return subjects, n_bad
+
+    def _scan_subject_safe(self, folder: Path) -> _Subject | DataError:
+        try:
+            return self._scan_subject(folder)
+        except DataError as err:
+            return err
+
+    def _scan_subject(self, folder: Path) -> _Subject:
+        images = [_find_file(folder, m) for m in self.modalities]
+        seg = _find_file(folder, "seg")
+        lo, hi = self.slice_range
+        key = self._cache_key("scan", [*images, seg], slice_range=[lo, hi])
+        cached = self._cache_read(key)
+        if cached is not None:
+            return _Subject(folder.name, images, seg, cached["tumorous"], cached["has_brain"])
+        shapes = []
+        for path in [*images, seg]:
+            try:
+                header_shape = nib.load(str(path)).shape
+            except Exception as exc:
+                raise DataError(f"{_rel(path)}: cannot read NIfTI header ({exc})") from exc
+            shapes.append(_check_3d(path, header_shape))
+        for path, shape in zip(images, shapes[:-1], strict=True):
+            if shape != shapes[-1]:
+                raise DataError(
+                    f"{_rel(seg)}: shape {shapes[-1]} does not match {_rel(path)} shape {shape}"
+                )
+        if shapes[-1][2] <= hi:
+            raise DataError(
+                f"{_rel(seg)}: slice_range {lo}..{hi} needs at least {hi + 1} axial slices, "
+                f"the volume has {shapes[-1][2]}"
+            )
+        tumorous = self._read_slab(seg, lo, hi).any(axis=0)  # (n_range,)
+        # Slices without any brain (possible at the volume's ends) are never used.
+        has_brain = self._read_slab(images[0], lo, hi).any(axis=0)
+        if not has_brain.any():
+            if not load_volume(images[0]).any():
+                raise DataError(f"{_rel(images[0])}: all voxels are zero")
+            raise DataError(f"{_rel(images[0])}: no voxel > 0 in axial slices {lo}..{hi}")
+        self._cache_write(key, tumorous=tumorous, has_brain=has_brain)
+        return _Subject(folder.name, images, seg, tumorous, has_brain)
+
+    @staticmethod
+    def _read_slab(path: Path, lo: int, hi: int) -> np.ndarray:
+        """(H*W, n) bool: voxels > 0 of axial slices lo..hi (reads only up to slice hi)."""
+        try:
+            slab = np.asarray(nib.load(str(path)).dataobj[:, :, lo : hi + 1])
+        except Exception as exc:
+            raise DataError(f"{_rel(path)}: cannot read the volume data ({exc})") from exc
+        return slab.reshape(-1, hi - lo + 1) > 0
+
+    def _select(self, subjects: dict[str, _Subject], bad: set[str]) -> _Selection:
+        lo, _ = self.slice_range
+        names = sorted(s for s in subjects if s not in bad)
+        healthy, tumorous = {}, {}
+        for s in names:
+            sub = subjects[s]
+            healthy[s] = [lo + int(i) for i in np.flatnonzero(~sub.tumorous & sub.has_brain)]
+            tumorous[s] = [lo + int(i) for i in np.flatnonzero(sub.tumorous & sub.has_brain)]
+        eligible = {s for s in names if healthy[s]}
+        pool = choose_test_pool(
+            names,
+            {s: (len(healthy[s]), len(tumorous[s])) for s in names},
+            eligible,
+            self.n_test_healthy,
+            self.n_test_tumorous,
+            self.shots,
+            self.test_seed,
+            f"subjects (healthy / tumorous slices in {self.slice_range[0]}..{self.slice_range[1]})",
+        )
+        ts = self.test_seed
+        test_h = sorted(
+            ((s, k) for s in pool for k in healthy[s]), key=lambda x: rank_key(ts, "healthy", *x)
+        )
+        test_t = sorted(
+            ((s, k) for s in pool for k in tumorous[s]), key=lambda x: rank_key(ts, "tumorous", *x)
+        )
+        test = test_h[: self.n_test_healthy] + test_t[: self.n_test_tumorous]
+        candidates = sorted(eligible - set(pool), key=lambda s: rank_key(self.seed, "train", s))
+        chosen = sorted(candidates[: self.shots])
+        train, val = [], {}
+        for s in chosen:
+            ranked = sorted(healthy[s], key=lambda k, s=s: rank_key(self.seed, "shot", s, k))
+            train.append((s, ranked[0]))
+            val[s] = sorted(ranked[1:])
+        return _Selection(pool, test, train, val)
+
+    # ------------------------------------------------------------------------- loading
+    def _load_selection(self, selection: _Selection) -> set[str]:
+        needed: dict[str, set[int]] = {}
+        for s, k in selection.test + selection.train:
+            needed.setdefault(s, set()).add(k)
+        for s, ks in selection.val.items():
+            needed.setdefault(s, set()).update(ks)
+        todo = sorted(s for s in needed if s not in self._loaded)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(self._load_subject_safe, todo))
+        failed = set()
+        for s, result in zip(todo, results, strict=True):
+            if isinstance(result, DataError):
+                self._report(result)
+                failed.add(s)
+            else:
+                self._loaded[s] = result
+        return failed
+
+    def _load_subject_safe(self, name: str) -> dict[str, np.ndarray] | DataError:
+        try:
+            return self._load_subject(name)
+        except DataError as err:
+            return err
+
+    def _load_subject(self, name: str) -> dict[str, np.ndarray]:
+        """All in-range slices of one subject, preprocessed: image (n, S, S, C), foreground, gt_mask."""
+        subject = self._subjects[name]
+        lo, hi = self.slice_range
+        key = self._cache_key(
+            "slices",
+            [*subject.images, subject.seg],
+            slice_range=[lo, hi],
+            modalities=self.modalities,
+            image_size=self.image_size,
+        )
+        cached = self._cache_read(key)
+        if cached is not None:
+            return cached
+        volumes = []
+        for path in subject.images:
+            volume = load_volume(path)
+            try:
+                volumes.append(normalize_volume(volume))
+            except DataError as err:
+                raise DataError(f"{_rel(path)}: {err}") from None
+        seg = load_volume(subject.seg)
+        if seg.shape != volumes[0].shape:  # headers were checked; guard against odd files
+            raise DataError(
+                f"{_rel(subject.seg)}: shape {seg.shape} does not match {volumes[0].shape}"
+            )
+        arrays = preprocess_slices(volumes, list(range(lo, hi + 1)), self.image_size, seg)
+        self._cache_write(key, **arrays)
+        return arrays
+
+    # ------------------------------------------------------------------------- cache
+    def _cache_key(self, kind: str, files: list[Path], **params: object) -> str | None:
+        if self.cache_dir is None:
+            return None
+        desc = {
+            "version": _CACHE_VERSION,
+            "kind": kind,
+            "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            **params,
+        }
+        digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+        return f"brats-{kind}-{digest}.npz"
+
+    def _cache_read(self, key: str | None) -> dict[str, np.ndarray] | None:
+        if key is None or self.cache_dir is None:
+            return None
+        path = self.cache_dir / key
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+            return None
+
+    def _cache_write(self, key: str | None, **arrays: np.ndarray) -> None:
+        if key is None or self.cache_dir is None:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Atomic: concurrent runs (several seeds at once) never read a half-written entry.
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, self.cache_dir / key)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -131,7 +131,10 @@ class PathoScope(L.LightningModule):
         eta, pieg_steps: PiEG step size and T (paper: T=20; eta 0.01 BraTS, 0.05 ChestXray8).
         noise_std, noise_mean: PiEG's Gaussian start (GLASS/SimpleNet std 0.015; see DESIGN.md).
         pieg_keep_noise: keep the start in v_s (iterative reading; False = Eq. 3 as printed).
-        pieg_min_distance: optional minimum ||v_s - v_n|| per position (ours; 0 = off).
+        pieg_min_distance: radius r, in units of the bank's distance_scale (ours; 0 = off): the
+            minimum ||v_s - v_n|| per position, or with `pieg_projection` GLASS's bounded forms:
+            "hypersphere" keeps ||v_s - v_n|| in [r, 2r], "manifold" keeps v_s's distance to the
+            nearest anchor in [r, 2r] (see `pathoscope.pieg.project`).
         lambda_pull, lambda_push, eps: tritanh (Eq. 2) on distances / bank.distance_scale (ours).
         focal_gamma: focal loss gamma (GLASS: 2).
         use_local_contrast, use_global_contrast, use_pieg: the paper's ablations (Tables 3, 4).
@@ -161,6 +164,7 @@ class PathoScope(L.LightningModule):
         noise_mean: float = 0.0,
         pieg_keep_noise: bool = True,
         pieg_min_distance: float = 0.0,
+        pieg_projection: Literal["none", "hypersphere", "manifold"] = "none",
         lambda_pull: float = 1.0,
         lambda_push: float = 1.0,
         eps: float = 1e-6,
@@ -332,7 +336,10 @@ class PathoScope(L.LightningModule):
             noise_std=hp.noise_std,
             noise_mean=hp.noise_mean,
             keep_noise=hp.pieg_keep_noise,
-            min_distance=hp.pieg_min_distance,
+            min_distance=hp.pieg_min_distance * float(self.bank.distance_scale),
+            projection=hp.pieg_projection,
+            nearest=self.bank.nearest,
+            anchors=self.bank.anchors,
             generator=gen,
         )
 

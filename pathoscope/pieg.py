@@ -10,6 +10,8 @@ from torch import Tensor
 
 from pathoscope.anchor_bank import AnchorBank
 
+PROJECTIONS = ("none", "hypersphere", "manifold")
+
 
 class CandidateSearch:
     """Exact nearest-anchor search for queries that stay near reference points.
@@ -63,6 +65,9 @@ def pieg(
     noise_mean: float = 0.0,
     keep_noise: bool = True,
     min_distance: float = 0.0,
+    projection: str = "none",
+    nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    anchors: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Eq. 3: v_s = v_n + delta, delta from `steps` ascent moves of eta * g / ||g|| per position.
@@ -70,9 +75,14 @@ def pieg(
     v_n (B, h, w, C). `global_terms(v_s)` returns the terms of L_global that depend on v_s; `g` is
     its gradient w.r.t. v_s, normalised over channels at each position. delta starts as Gaussian
     noise N(noise_mean, noise_std^2); `keep_noise=False` drops that start from the result, as Eq. 3
-    prints it. `min_distance` > 0 scales up positions whose ||delta|| is shorter (no collapse onto
-    v_n). delta is detached: v_s carries v_n's graph only. Only autograd.grad is used, so no
+    prints it. delta is detached: v_s carries v_n's graph only. Only autograd.grad is used, so no
     parameter's .grad is touched.
+
+    Projection of the result, with r = `min_distance` (GLASS's baselines use the two bounded forms):
+      "none": positions with ||delta|| < r are scaled up to r (no collapse onto v_n; r=0: off);
+      "hypersphere": ||delta|| is clamped to [r, 2r] per position;
+      "manifold": v_s is moved along the ray from its nearest anchor so that its distance to the
+        normal manifold (the anchors) lies in [r, 2r]; needs `nearest` and `anchors`.
     """
     base = v_n.detach()
     noise = (
@@ -87,7 +97,37 @@ def pieg(
             norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
             ascent = ascent + eta * g / norm.clamp_min(1e-12)
     delta = noise + ascent if keep_noise else ascent
-    if min_distance > 0.0:
-        norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
-        delta = torch.where(norm > 0, delta * (min_distance / norm).clamp_min(1.0), delta)
+    delta = project(base, delta, min_distance, projection, nearest, anchors)
     return v_n + delta.detach()
+
+
+def project(
+    base: Tensor,
+    delta: Tensor,
+    radius: float,
+    projection: str = "none",
+    nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    anchors: Tensor | None = None,
+) -> Tensor:
+    """The projections of `pieg` (see there) applied to delta (..., C) around base (..., C)."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"pieg: projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection == "manifold":
+        if nearest is None or anchors is None:
+            raise ValueError("pieg: the manifold projection needs `nearest` and `anchors`")
+        shape = delta.shape
+        v = (base + delta).reshape(-1, shape[-1])
+        dist, idx = nearest(v)
+        a = anchors[idx].to(v)
+        target = dist.clamp(radius, 2.0 * radius)
+        direction = (v - a) / dist.clamp_min(1e-12)[:, None]
+        v = torch.where(dist[:, None] > 0, a + direction * target[:, None], v)
+        return v.reshape(shape) - base
+    if radius <= 0.0:
+        return delta
+    norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+    upper = 2.0 * radius if projection == "hypersphere" else math.inf
+    scale = (norm.clamp(radius, upper) / norm.clamp_min(1e-12)).where(
+        norm > 0, torch.ones_like(norm)
+    )
+    return delta * scale

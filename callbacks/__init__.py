@@ -1,1 +1,6 @@
-"""callbacks package."""
+"""Lightning callbacks: evaluation metrics (AnomalyMetrics) and heatmap pictures (HeatmapVisualizer)."""
+
+from callbacks.metrics import AnomalyMetrics
+from callbacks.visualization import HeatmapVisualizer
+
+__all__ = ["AnomalyMetrics", "HeatmapVisualizer"]

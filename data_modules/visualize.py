@@ -48,12 +48,12 @@ def show_data_grid(
 ) -> Path:
     """Write the grid described in the module docstring to `out_path` (PNG); returns the path.
 
-    Uses `datamodule.setup("fit")` / `setup("test")`, `train_dataset[i]` for i < n_train and
-    `test_dataset[i]` at evenly spaced i (item dicts as in data_contract.md).
+    Uses `datamodule.setup("fit")` / `setup("test")`, `train_dataset()[i]` for i < n_train and
+    `test_dataset()[i]` at evenly spaced i (item dicts as in data_contract.md).
     """
     datamodule.setup("fit")
     datamodule.setup("test")
-    train, test = datamodule.train_dataset, datamodule.test_dataset
+    train, test = datamodule.train_dataset(), datamodule.test_dataset()
     n_train, n_test = min(n_train, len(train)), min(n_test, len(test))
     train_items = [train[i] for i in range(n_train)]
     test_idx = np.linspace(0, len(test) - 1, n_test).round().astype(int) if n_test else []

@@ -55,7 +55,7 @@ def _fake_datamodule(n_train: int, n_test: int) -> SimpleNamespace:
     ]
     stages: list[str] = []
     return SimpleNamespace(
-        train_dataset=train, test_dataset=test, setup=stages.append, stages=stages
+        train_dataset=lambda: train, test_dataset=lambda: test, setup=stages.append, stages=stages
     )
 
 
@@ -97,7 +97,7 @@ def test_grid_layout_and_outlines(tmp_path: Path, n_train: int, n_test: int) -> 
     black = np.zeros((S, S, 3), np.uint8)
     for c in range(n_cols):
         if c < n_train:
-            item = dm.train_dataset[c]
+            item = dm.train_dataset()[c]
             assert not _red(tile(0, c)).any()  # plain training image, no outline
             expected = _red(draw_outline(black, item["lesion_mask"][0].numpy() > 0))
             assert np.array_equal(_red(tile(1, c)), expected)
@@ -109,7 +109,7 @@ def test_grid_layout_and_outlines(tmp_path: Path, n_train: int, n_test: int) -> 
         if c < n_test:
             # evenly spaced test items: linspace(0, 6, n_test)
             index = int(np.linspace(0, 6, n_test).round()[c])
-            expected = _red(draw_outline(black, dm.test_dataset[index]["gt_mask"][0].numpy()))
+            expected = _red(draw_outline(black, dm.test_dataset()[index]["gt_mask"][0].numpy()))
             assert np.array_equal(_red(tile(2, c)), expected)
             assert abs(tile(2, c)[0, 0, 1] / 255 - (0.1 + 0.05 * index)) < 0.01
         else:

@@ -1,0 +1,180 @@
+"""PathoScope LightningModule: training wiring, checkpoints, folded inference."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from data_modules.brats import BraTSDataModule
+from pathoscope.inference import FoldedDetector
+from pathoscope.model import GaussianBlur, JointOptimizer, PathoScope, image_score
+
+FAST = dict(pretrained=False, pieg_steps=2, hidden_dim=64, max_anchors=256, bank_copies=1)
+
+
+def _model(**kw: object) -> PathoScope:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return PathoScope(**{**FAST, **kw})
+
+
+def _datamodule(root: Path, **kw: object) -> BraTSDataModule:
+    args = dict(shots=2, image_size=64, n_test_healthy=6, n_test_tumorous=6, batch_size=4)
+    return BraTSDataModule(str(root), **{**args, **kw})
+
+
+def _trainer(tmp_path: Path, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(
+    brats_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[PathoScope, Path, dict]:
+    """One short fit shared by the tests: the model, its checkpoint and the backbone's state before."""
+    L.seed_everything(0)
+    tmp = tmp_path_factory.mktemp("fit")
+    model = _model()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer = _trainer(tmp, max_steps=3)
+    trainer.fit(model, _datamodule(brats_root))
+    ckpt = tmp / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return model, ckpt, {"before": before, "global_step": trainer.global_step}
+
+
+def test_global_step_counts_batches(fitted: tuple) -> None:
+    model, _, info = fitted
+    assert info["global_step"] == 3  # one JointOptimizer step per batch, not two
+
+
+def test_backbone_unchanged_by_training(fitted: tuple) -> None:
+    model, _, info = fitted
+    after = model.backbone.state_dict()
+    assert set(after) == set(info["before"])
+    for k, v in info["before"].items():
+        assert torch.equal(after[k], v), k
+    assert model.bank.built and len(model.bank) <= 256
+
+
+def test_checkpoint_round_trip_reproduces_maps(fitted: tuple, brats_root: Path) -> None:
+    model, ckpt, _ = fitted
+    loaded = PathoScope.from_checkpoint(ckpt)
+    assert torch.equal(loaded.bank.anchors, model.bank.anchors)
+    assert float(loaded.bank.distance_scale) == float(model.bank.distance_scale)
+    assert loaded.preprocessing["dataset"] == "brats" and loaded.preprocessing["image_size"] == 64
+    assert loaded.weights_tag == "random"
+    batch = next(iter(_datamodule(brats_root).test_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        a = model(batch["image"], batch["foreground"])
+        b = loaded(batch["image"], batch["foreground"])
+    assert torch.equal(a.anomaly_map, b.anomaly_map)
+    assert torch.equal(a.score, b.score)
+    # The anchor-distance score also survives the round trip (the FAISS index is rebuilt).
+    loaded.hparams.score_source = model.hparams.score_source = "anchor_distance"
+    with torch.no_grad():
+        assert torch.equal(model(batch["image"]).anomaly_map, loaded(batch["image"]).anomaly_map)
+    model.hparams.score_source = "discriminator"
+
+
+def test_checkpoint_of_another_kind_is_refused(tmp_path: Path, fitted: tuple) -> None:
+    _, ckpt, _ = fitted
+    data = torch.load(ckpt, weights_only=False)
+    data["pathoscope"]["version"] = 999
+    bad = tmp_path / "bad.ckpt"
+    torch.save(data, bad)
+    with pytest.raises(ValueError, match="version"):
+        PathoScope.from_checkpoint(bad)
+
+
+def test_folded_inference_equals_model(fitted: tuple) -> None:
+    model, _, _ = fitted
+    model.eval()
+    with (
+        torch.no_grad()
+    ):  # a non-identity adapter and non-trivial BatchNorm make folding non-trivial
+        model.adapter.linear.weight.add_(0.01 * torch.randn_like(model.adapter.linear.weight))
+        model.discriminator.bn.running_mean.add_(0.3)
+        folded = FoldedDetector.from_model(model)
+        x = torch.randn(3, 3, 64, 96)
+        fg = torch.rand(3, 1, 64, 96) > 0.4
+        ref = model(x, fg)
+        score, amap = folded(x, fg)
+    assert (amap - ref.anomaly_map).abs().max() < 1e-5
+    assert (score - ref.score).abs().max() < 1e-5
+
+
+def test_loss_is_sum_of_enabled_terms(brats_root: Path) -> None:
+    L.seed_everything(0)
+    dm = _datamodule(brats_root)
+    batch = next(iter(dm.train_dataloader()))
+    for switches, terms in [
+        ({}, {"focal", "lc", "bce_n", "bce_s", "gc"}),
+        ({"use_local_contrast": False}, {"focal", "bce_n", "bce_s", "gc"}),
+        ({"use_global_contrast": False, "use_local_contrast": False}, {"focal", "bce_n", "bce_s"}),
+    ]:
+        model = _model(**switches)
+        anchors = dm.anchor_images(copies=1)
+        model.build_bank(anchors["image"], n_bank_images=2)
+        out = model.training_losses(batch)
+        assert terms <= set(out)
+        assert not ({"focal", "lc", "bce_n", "bce_s", "gc"} - terms) & set(out)
+        assert torch.allclose(out["loss"], sum(out[k] for k in terms))
+
+
+def test_joint_optimizer_steps_both_and_round_trips() -> None:
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    opt = JointOptimizer(
+        [torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)]
+    )
+    wa, wb = a.weight.clone(), b.weight.clone()
+    b(a(torch.ones(1, 2))).sum().backward()
+    opt.step()
+    assert not torch.equal(wa, a.weight) and not torch.equal(wb, b.weight)
+    assert len(opt.param_groups) == 2 and len(opt.state) == 4
+    opt2 = JointOptimizer(
+        [torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)]
+    )
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(
+        opt2.optimizers[0].state[a.weight]["exp_avg"], opt.optimizers[0].state[a.weight]["exp_avg"]
+    )
+
+
+def test_gaussian_blur_matches_dense_reference() -> None:
+    blur = GaussianBlur(2.0)
+    m = torch.rand(2, 1, 20, 24)
+    radius = blur.radius
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k1 = torch.exp(-0.5 * (x / 2.0) ** 2)
+    k2 = (k1[:, None] * k1[None]) / k1.sum() ** 2  # the 2D kernel, separable
+    padded = torch.nn.functional.pad(m, (radius,) * 4, mode="reflect")
+    ref = torch.nn.functional.conv2d(padded, k2[None, None])
+    assert torch.allclose(blur(m), ref, atol=1e-6)
+    assert abs(float(blur(torch.ones(1, 1, 20, 24)).mean()) - 1.0) < 1e-6
+
+
+def test_image_score_is_max_inside_foreground() -> None:
+    m = torch.zeros(2, 1, 4, 4)
+    m[0, 0, 0, 0] = 5.0  # outside the foreground of image 0
+    m[0, 0, 2, 2] = 1.0
+    m[1, 0, 3, 3] = 2.0
+    fg = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    fg[0, 0, 1:, 1:] = True  # image 1: empty foreground -> whole map
+    assert image_score(m, fg).tolist() == [1.0, 2.0]
+    assert image_score(m).tolist() == [5.0, 2.0]

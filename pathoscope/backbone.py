@@ -59,13 +59,16 @@ def load_resnet_weights(net: nn.Module, path: str | Path) -> str:
     path = Path(path)
     state = _read_state_dict(path)
     wanted = net.state_dict()
-    missing = [k for k in wanted if k not in state]
+    # BatchNorm counters are bookkeeping, not weights: files saved before PyTorch 0.4 (torchvision's
+    # own resnet18-f37072fd.pth among them) lack them, and BatchNorm fills them in on load.
+    optional = {k for k in wanted if k.endswith("num_batches_tracked")}
+    missing = [k for k in wanted if k not in state and k not in optional]
     if missing:
         raise BackboneWeightsError(
             f"{path}: not a ResNet18 state dict; missing {len(missing)} backbone tensors "
             f"(first: {missing[:3]})"
         )
-    bad_shape = [k for k in wanted if state[k].shape != wanted[k].shape]
+    bad_shape = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
     if bad_shape:
         k = bad_shape[0]
         raise BackboneWeightsError(
@@ -76,7 +79,7 @@ def load_resnet_weights(net: nn.Module, path: str | Path) -> str:
         raise BackboneWeightsError(
             f"{path}: unexpected tensors {extra[:3]} (expected only layer4/fc beyond layer3)"
         )
-    net.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    net.load_state_dict({k: state[k] for k in wanted if k in state}, strict=True)
     import hashlib
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]

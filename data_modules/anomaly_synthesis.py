@@ -152,6 +152,8 @@ class LesionSynthesizer:
         beta_range: tuple[float, float] = (0.2, 0.8),
         perlin_scale_range: tuple[int, int] = (0, 6),
         threshold: float = 0.5,
+        contrast_range: tuple[float, float] = (0.5, 2.0),
+        brightness_std: float = 0.5,
     ) -> None:
         if not 0.0 < min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
@@ -164,6 +166,12 @@ class LesionSynthesizer:
         self.beta_range = beta_range
         self.perlin_scale_range = perlin_scale_range
         self.threshold = threshold
+        # (ours) The texture's contrast (log-uniform factor) and brightness (normal offset, in units
+        # of the foreground's std) vary around the foreground's, so that neither "smoother" nor
+        # "brighter" is a one-directional shortcut the discriminator could learn instead of
+        # "different from normal anatomy".
+        self.contrast_range = contrast_range
+        self.brightness_std = brightness_std
         self.texture_files = _list_textures(Path(textures)) if textures is not None else None
 
     def __call__(
@@ -187,7 +195,10 @@ class LesionSynthesizer:
         rows = np.flatnonzero(lesion_mask.any(axis=1))
         cols = np.flatnonzero(lesion_mask.any(axis=0))
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        matched = self.match_intensity(texture[box], image, foreground)
+        lo, hi = np.log(self.contrast_range[0]), np.log(self.contrast_range[1])
+        contrast = float(np.exp(rng.uniform(lo, hi)))
+        shift = float(rng.normal(0.0, self.brightness_std)) if self.brightness_std > 0 else 0.0
+        matched = self.match_intensity(texture[box], image, foreground, contrast, shift)
         x_p = image.copy()
         x_p[box] = np.clip(blend(image[box], matched, lesion_mask[box], beta), 0.0, 1.0)
         return x_p, lesion_mask
@@ -246,10 +257,15 @@ class LesionSynthesizer:
 
     @staticmethod
     def match_intensity(
-        texture: np.ndarray, image: np.ndarray, foreground: np.ndarray
+        texture: np.ndarray,
+        image: np.ndarray,
+        foreground: np.ndarray,
+        contrast: float = 1.0,
+        shift: float = 0.0,
     ) -> np.ndarray:
         """Grey texture (h, w) -> (h, w, C) with the mean and std of each channel of `image`
-        (H, W, C) inside `foreground` (H, W).
+        (H, W, C) inside `foreground` (H, W), then shifted by `shift` stds and its contrast scaled
+        by `contrast`.
 
         The texture is standardised, then scaled per channel to the foreground statistics, so
         the lesion brings no brightness or colour shortcut and equal input channels give equal
@@ -265,7 +281,8 @@ class LesionSynthesizer:
             values = image.reshape(-1, image.shape[2])
         mean = values.mean(axis=0, dtype=np.float64).astype(np.float32)  # (C,)
         scale = values.std(axis=0, dtype=np.float64).astype(np.float32)
-        out = mean + z[..., None].astype(np.float32) * scale  # (h, w, C)
+        # mean + shift std's, std times contrast (1 and 0: exactly the foreground's statistics)
+        out = mean + scale * (shift + contrast * z[..., None].astype(np.float32))  # (h, w, C)
         return np.clip(out, 0.0, 1.0, out=out)
 
 

@@ -159,7 +159,7 @@ def test_beta_recovered_from_blend_lies_in_range(tmp_path: Path) -> None:
     grey = np.where(fg, 0.2, 0.0)
     grey[4:60, 32:60] = 0.6  # two levels: mu = 0.4 inside the foreground
     image = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    synth = LesionSynthesizer(textures=textures)
+    synth = LesionSynthesizer(textures=textures, brightness_std=0.0)  # no offset: the texture is mu
     betas = []
     for seed in range(200):
         x_p, lesion_mask = synth(image, fg, np.random.default_rng(seed))
@@ -232,3 +232,16 @@ def test_missing_texture_folder_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "images" / "banded").mkdir(parents=True)
     with pytest.raises(DataError, match="no texture images"):
         LesionSynthesizer(textures=tmp_path / "empty")
+
+
+def test_texture_contrast_and_brightness_vary_around_the_foreground() -> None:
+    # The matched texture keeps the foreground's statistics on average, with a spread in contrast
+    # and brightness (no one-directional "smoother" or "brighter" shortcut).
+    texture = np.random.default_rng(0).uniform(-1, 1, size=(32, 32)).astype(np.float32)
+    image = np.full((32, 32, 3), 0.5, np.float32)
+    image[(np.arange(32) // 2) % 2 == 0] = 0.3  # row pairs: mean 0.4, std 0.1 (also subsampled)
+    fg = np.ones((32, 32), bool)
+    base = LesionSynthesizer.match_intensity(texture, image, fg)
+    out = LesionSynthesizer.match_intensity(texture, image, fg, contrast=2.0, shift=1.0)
+    assert np.isclose(base.mean(), 0.4, atol=1e-3) and np.isclose(base.std(), 0.1, atol=1e-3)
+    assert np.isclose(out.mean(), 0.5, atol=1e-3) and np.isclose(out.std(), 0.2, atol=1e-3)

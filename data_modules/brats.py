@@ -148,7 +148,7 @@ class _Selection:
     val: dict[str, list[int]]  # training subject -> other healthy slices
 
 
-def _find_file(folder: Path, key: str) -> Path:
+def find_subject_file(folder: Path, key: str) -> Path:
     """`{folder}_{key}.nii[.gz]`, else the one file ending `_{key}.nii[.gz]`; DataError if none."""
     for suffix in _NIFTI_SUFFIXES:
         path = folder / f"{folder.name}_{key}{suffix}"
@@ -345,8 +345,8 @@ class BraTSDataModule(FewShotDataModule):
             return err
 
     def _scan_subject(self, folder: Path) -> _Subject:
-        images = [_find_file(folder, m) for m in self.modalities]
-        seg = _find_file(folder, "seg")
+        images = [find_subject_file(folder, m) for m in self.modalities]
+        seg = find_subject_file(folder, "seg")
         lo, hi = self.slice_range
         key = self._cache_key("scan", [*images, seg], slice_range=[lo, hi])
         cached = self._cache_read(key)

@@ -11,6 +11,7 @@ REPEATS ?= 1
 CONFIG ?=
 DATA_ROOT ?=
 LOGGER ?= csv
+WEIGHTS ?=
 RUNS ?= runs/$(DATASET)
 SWEEP ?= experiments/sweeps/eta.yaml
 
@@ -20,6 +21,7 @@ SWEEP ?= experiments/sweeps/eta.yaml
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
 	@echo "  variables: DATASET=demo|brats|chestxray8 SHOTS=K REPEATS=N DATA_ROOT=DIR CONFIG=NAME LOGGER=csv|wandb"
+	@echo "             WEIGHTS=resnet18.pth (real data: a local ResNet18 state dict, unless timm's weights are cached)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,17 +33,18 @@ install: $(STAMP) ## create .venv/ (torch pinned via constraints.txt) and instal
 
 train: $(STAMP) ## fit + test seeds 0..REPEATS-1 (DATASET=demo by default: synthetic BraTS, K=2, 128 px) and print the table
 	$(BIN)/pathoscope train --dataset $(DATASET) --shots $(SHOTS) --repeats $(REPEATS) \
-		$(if $(CONFIG),--config-name $(CONFIG)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --logger $(LOGGER)
+		$(if $(CONFIG),--config-name $(CONFIG)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --logger $(LOGGER) \
+		$(if $(WEIGHTS),--model.weights=$(WEIGHTS))
 
 table: $(STAMP) ## gather every config and K under RUNS=runs/<dataset> into one Markdown table + CSV
 	$(BIN)/pathoscope table --runs $(RUNS)
 
-grid: $(STAMP) ## local parameter grid without any account, e.g. ARGS="--config experiments/demo.yaml --param model.eta=0.01,0.05"
+grid: $(STAMP) ## local parameter grid without any account, e.g. ARGS="--dataset demo --param model.eta=0.01,0.05 --shots 2"
 	$(BIN)/pathoscope grid $(ARGS)
 
-sweep: $(STAMP) ## create the W&B sweep SWEEP=experiments/sweeps/eta.yaml and start an agent (needs a W&B server/account)
-	$(BIN)/wandb sweep $(SWEEP) 2>&1 | tee .sweep.log
-	$(BIN)/wandb agent $$(grep -oE 'wandb agent \S+' .sweep.log | tail -1 | cut -d' ' -f3)
+sweep: $(STAMP) ## create the W&B sweep SWEEP=experiments/sweeps/eta.yaml and start an agent (needs a W&B server/account; edit --data-root in the file)
+	$(BIN)/wandb sweep $(SWEEP) 2>&1 | tee $(VENV)/.sweep.log
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/wandb agent $$(grep -oE 'wandb agent \S+' $(VENV)/.sweep.log | tail -1 | cut -d' ' -f3)
 
 test: $(STAMP) ## run the test suite (all but GPU tests without CUDA)
 	$(BIN)/pytest -q tests

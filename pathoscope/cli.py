@@ -1,0 +1,490 @@
+"""The `pathoscope` command.
+
+`pathoscope fit|validate|test ...` is a LightningCLI (`PathoScopeCLI`): `--config
+experiments/X.yaml` (repeatable: later files override earlier ones), any key overridable
+(`--model.eta 0.02`, `--data.shots 4`, `--trainer.max_steps 100`). The other verbs belong to the
+front parser here, each with its own `--help`:
+
+  train           fit + test seeds 0..N-1 of one dataset / config / K, then summary.json + .md
+  table           gather every config and K under a runs folder into one Markdown table + CSV
+  grid            a local parameter grid (no account needed): table + one plot per metric
+  sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
+  make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
+  show-data       a PNG grid of training, synthetic-lesion and test images of a config
+  predict, export, bench  (their own modules: pathoscope.predict, pathoscope.export, benchmarks)
+
+Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
+line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentParser as JsonArgumentParser
+
+FIT_VERBS = ("fit", "validate", "test")
+EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
+
+_HELP = """\
+usage: pathoscope <verb> [options]   (pathoscope <verb> --help for each verb)
+
+PathoSCOPE: few-shot unsupervised pathology detection.
+
+LightningCLI verbs (--config experiments/X.yaml, any key overridable):
+  fit             train (and validate, which sets the image threshold tau)
+  validate        run validation of a checkpoint (--ckpt_path)
+  test            test a checkpoint (--ckpt_path): metrics.json in --metrics.output_dir
+
+Experiment verbs:
+  train           fit + test seeds 0..N-1 into runs/<dataset>/<config>/k<K>/, then summary
+  table           one Markdown table + CSV of every config and K under a runs folder
+  grid            local parameter grid (--param model.eta=0.01,0.05): table + plots
+  sweep-run       one fit + test of a W&B sweep configuration (used by experiments/sweeps/)
+
+Other verbs:
+  predict         anomaly maps for new images from a checkpoint
+  export          export a checkpoint (ONNX / TorchScript)
+  bench           speed and cost benchmarks
+  make-demo-data  write a synthetic BraTS / ChestX-ray8 set in the real on-disk format
+  show-data       PNG grid of the training, synthetic-lesion and test images of a config
+"""
+
+
+def _error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input and end as one line (imports kept lazy: torch is slow)."""
+    from data_modules.errors import DataError
+    from pathoscope.backbone import BackboneWeightsError
+
+    return (DataError, BackboneWeightsError, FileNotFoundError, ValueError)
+
+
+# ------------------------------------------------------------------------------- LightningCLI
+def _lightning_cli_class() -> type:
+    """PathoScopeCLI, built on first use so that `pathoscope --help` does not import torch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from callbacks.metrics import AnomalyMetrics
+    from data_modules.common import FewShotDataModule
+    from pathoscope.model import PathoScope
+    from pathoscope.runs import LAST_CHECKPOINT, FinalValidation, TrainSamplerEpoch, finish_fit
+
+    class PathoScopeCLI(LightningCLI):
+        """LightningCLI for PathoScope and the few-shot data modules.
+
+        * `--data` is any FewShotDataModule (`data_modules.brats.BraTSDataModule`,
+          `data_modules.chestxray8.ChestXray8DataModule`) given by `class_path`.
+        * `--metrics.*`: the AnomalyMetrics callback, always present (validation sets tau; test
+          writes metrics.json into `--metrics.output_dir`, default the trainer's log_dir).
+        * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no
+          selection on any score), rewritten at every epoch end. Resuming after an interruption:
+          the same command with `--checkpoint.dirpath DIR --ckpt_path last`.
+        * After `fit`, validation runs once more if the last one was before the final step (e.g.
+          max_steps not a multiple of steps_per_epoch, or max_steps 0 for anchor_knn), so that tau
+          always belongs to the final model, and last.ckpt is rewritten with it.
+        * `validate` / `test` with a checkpoint file build the model without loading backbone
+          weights from anywhere: the checkpoint holds them.
+        """
+
+        def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
+            self.final_validation = FinalValidation()
+            callbacks = [self.final_validation, TrainSamplerEpoch()]
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+            super().__init__(
+                PathoScope,
+                FewShotDataModule,
+                subclass_mode_data=True,
+                args=list(args) if args is not None else None,
+                run=run,
+                trainer_defaults={"callbacks": callbacks},
+                parser_kwargs={
+                    "exit_on_error": False,
+                    **{verb: {"exit_on_error": False} for verb in FIT_VERBS},
+                },
+                **kwargs,
+            )
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_lightning_class_args(AnomalyMetrics, "metrics")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            # One file, last.ckpt, rewritten after every validation (each epoch end): Lightning
+            # 2.6 writes `save_last` files only when a top-k file is written, so the newest
+            # checkpoint itself is named "last" (what --ckpt_path last finds).
+            parser.set_defaults(
+                {
+                    "checkpoint.filename": LAST_CHECKPOINT,
+                    "checkpoint.save_top_k": 1,
+                    "checkpoint.save_last": False,
+                    "checkpoint.enable_version_counter": False,
+                }
+            )
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(str(self.subcommand), self.config)
+            ckpt_path = config.get("ckpt_path")
+            if self.subcommand in ("validate", "test") and ckpt_path and Path(ckpt_path).is_file():
+                # The checkpoint carries the backbone weights: never fetch or read them again.
+                config["model"]["pretrained"] = False
+                config["model"]["weights"] = None
+                self._checkpoint_backbone = True
+
+        def instantiate_classes(self) -> None:
+            with warnings.catch_warnings():
+                if getattr(self, "_checkpoint_backbone", False):
+                    warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
+                super().instantiate_classes()
+
+        def after_fit(self) -> None:
+            finish_fit(self.trainer, self.model, self.datamodule, self.final_validation)
+
+    return PathoScopeCLI
+
+
+def lightning_cli(args: Sequence[str] | None, run: bool = True, **kwargs: Any) -> Any:
+    """Build (and with run=True, run) PathoScopeCLI on `args` (the verb first when run=True)."""
+    cls = _lightning_cli_class()
+    with warnings.catch_warnings():
+        # `args` is always given (main's argv, or the run's own): the mix-up this warns about
+        # cannot happen here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return cls(args=args, run=run, **kwargs)
+
+
+def _run_lightning(argv: list[str]) -> int:
+    lightning_cli(argv, run=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------- front verbs
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset", required=True, help="demo | brats | chestxray8 (demo = synthetic BraTS)"
+    )
+    p.add_argument("--shots", type=int, default=2, help="K, the training subjects (default 2)")
+    p.add_argument("--repeats", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    p.add_argument(
+        "--config-name",
+        default="pathoscope",
+        help="pathoscope (the method), or an experiments/ file on top of the dataset config: "
+        "ablation/local_only, ablation/global_only, ablation/no_pieg, glass_hypersphere, "
+        "glass_manifold, anchor_knn",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset folder (demo: data/demo/brats, written if missing)",
+    )
+    p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
+    p.add_argument("--runs", default="runs", help="runs root folder (default runs)")
+    p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+
+
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathoscope import runs
+
+    base = runs.train(
+        dataset=args.dataset,
+        shots=args.shots,
+        repeats=args.repeats,
+        config_name=args.config_name,
+        data_root=args.data_root,
+        logger=args.logger,
+        runs_root=args.runs,
+        max_steps=args.max_steps,
+        overrides=extra,
+    )
+    print((base / "summary.md").read_text())
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathoscope import runs
+
+    _no_extra(extra, "table")
+    markdown = runs.write_table(Path(args.runs), paper=not args.no_paper)
+    print(markdown)
+    return 0
+
+
+def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathoscope import runs
+
+    configs, data_root = args.config, args.data_root
+    if args.dataset is not None:  # the dataset's YAMLs (+ --config-name), as `train` uses them
+        if configs:
+            raise ValueError("give either --dataset (with --config-name) or --config files")
+        configs = [str(p) for p in runs.config_files(args.dataset, args.config_name)]
+        data_root = str(runs.dataset_root(args.dataset, data_root))
+    elif not configs:
+        raise ValueError("give --dataset (with --config-name) or --config files")
+    out = runs.grid(
+        configs=configs,
+        params=args.param,
+        shots=runs.parse_int_list(args.shots, "--shots"),
+        repeats=args.repeats,
+        out=Path(args.out),
+        data_root=data_root,
+        logger=args.logger,
+        max_steps=args.max_steps,
+        overrides=extra,
+    )
+    print((out / "grid.md").read_text())
+    return 0
+
+
+def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathoscope import runs
+
+    metrics = runs.sweep_run(
+        configs=args.config,
+        seed=args.seed,
+        out=Path(args.out),
+        data_root=args.data_root,
+        logger=args.logger,
+        overrides=extra,
+    )
+    print(runs.format_metrics(metrics))
+    return 0
+
+
+def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from data_modules.synthetic import make_demo_data
+
+    _no_extra(extra, "make-demo-data")
+    root = make_demo_data(args.dataset, args.out)
+    print(f"wrote a synthetic {args.dataset} set; data root: {root}")
+    return 0
+
+
+def _cmd_show_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from data_modules.visualize import show_data_grid
+
+    datamodule = build_datamodule(args.config, extra)
+    out = show_data_grid(datamodule, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
+    """The data module of experiment YAMLs (their `data` sections) plus `--data.*` overrides."""
+    from data_modules.common import FewShotDataModule
+
+    for path in configs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+    parser = JsonArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="append", default=[])
+    parser.add_subclass_arguments(FewShotDataModule, "data", required=True)
+    import yaml
+
+    data_args: list[str] = []
+    for path in configs:
+        section = (yaml.safe_load(Path(path).read_text()) or {}).get("data")
+        if section is not None:
+            data_args += ["--data", yaml.safe_dump(section)]
+    wanted = [a for a in overrides]
+    bad = [a for a in wanted if a.startswith("--") and not a.startswith("--data")]
+    if bad:
+        raise ValueError(f"show-data: only --data.* overrides are accepted, got {bad[0]}")
+    cfg = parser.parse_args(data_args + wanted)
+    return parser.instantiate_classes(cfg).data
+
+
+def _no_extra(extra: list[str], verb: str) -> None:
+    if extra:
+        raise ValueError(f"unrecognised arguments for {verb}: {' '.join(extra)}")
+
+
+def _load_module(module: str, verb: str) -> Any:
+    """Import `module`; a top-level folder of the checkout (benchmarks/) is loaded from its file,
+    since the console script does not put the checkout on sys.path."""
+    if module in sys.modules:
+        return sys.modules[module]
+    path = Path(__file__).resolve().parent.parent.joinpath(*module.split(".")).with_suffix(".py")
+    if not module.startswith("pathoscope.") and path.is_file():
+        spec = importlib.util.spec_from_file_location(module, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[module] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module.startswith(err.name):
+            raise FileNotFoundError(
+                f"the `{verb}` verb is not available in this installation (module {module})"
+            ) from err
+        raise
+
+
+def _dispatch_module(module: str, verb: str) -> Callable[[list[str]], int]:
+    """`main(argv) -> int` of a verb living in its own module, imported only when used."""
+
+    def run(argv: list[str]) -> int:
+        return int(_load_module(module, verb).main(argv) or 0)
+
+    return run
+
+
+_MODULE_VERBS: dict[str, tuple[str, str]] = {
+    "predict": ("pathoscope.predict", "anomaly maps for new images from a checkpoint"),
+    "export": ("pathoscope.export", "export a checkpoint"),
+    "bench": ("benchmarks.bench", "speed and cost benchmarks (writes bench.json)"),
+}
+
+
+def _front_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathoscope", add_help=False)
+    sub = parser.add_subparsers(dest="verb")
+
+    p = sub.add_parser(
+        "train",
+        help="fit + test seeds 0..N-1, then summary.json / summary.md",
+        description="Fit then test seeds 0..N-1 into <runs>/<dataset>/<config>/k<K>/seed<i>/ "
+        "(metrics.json, predictions.npz, config.yaml, last.ckpt), then summary.json and "
+        "summary.md in <runs>/<dataset>/<config>/k<K>/. Further --model.* / --data.* / "
+        "--trainer.* arguments override the experiment YAMLs.",
+    )
+    _add_train_args(p)
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser(
+        "table",
+        help="one Markdown table + CSV of a runs folder",
+        description="Gather every <config>/k<K>/summary.json under --runs into one table "
+        "shaped like the paper's Table 1 (rows: configs; columns: Image AUROC, Pixel AUROC, "
+        "PRO, Dice for each K), with the paper's own rows marked as reference; writes table.md "
+        "and table.csv into --runs and prints the Markdown.",
+    )
+    p.add_argument("--runs", required=True, help="e.g. runs/brats")
+    p.add_argument("--no-paper", action="store_true", help="leave out the paper's reference rows")
+    p.set_defaults(handler=_cmd_table)
+
+    p = sub.add_parser(
+        "grid",
+        help="local parameter grid: table + PNG plot of each metric against the parameter",
+        description="Run every combination of --param values x --shots x seeds 0..N-1 (fit + "
+        "test), then write grid.md, grid.csv and grid_<param>.png into --out. Further "
+        "--model.* / --data.* / --trainer.* arguments override the YAMLs.",
+    )
+    p.add_argument(
+        "--config", action="append", default=[], help="experiment YAML (repeatable, in order)"
+    )
+    p.add_argument("--dataset", default=None, help="instead of --config: demo | brats | chestxray8")
+    p.add_argument(
+        "--config-name",
+        default="pathoscope",
+        help="with --dataset: as for train (default pathoscope)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        required=True,
+        help="KEY=V1,V2,... e.g. model.eta=0.005,0.01,0.02,0.05 (repeatable: all combinations)",
+    )
+    p.add_argument("--shots", default="2", help="K values, e.g. 2,4 (default 2)")
+    p.add_argument("--repeats", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    p.add_argument("--out", default="runs/grid", help="output folder (default runs/grid)")
+    p.add_argument("--data-root", default=None, help="dataset folder (sets --data.root)")
+    p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
+    p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    p.set_defaults(handler=_cmd_grid)
+
+    p = sub.add_parser(
+        "sweep-run",
+        help="one fit + test for a W&B sweep agent",
+        description="Fit then test one configuration in-process and log it (W&B by default; "
+        "offline unless WANDB_MODE=online). The sweep's ${args} (--model.eta=0.01 ...) are "
+        "LightningCLI overrides. Writes <out>/<group>/<overrides>/seed<i>/.",
+    )
+    p.add_argument(
+        "--config", action="append", required=True, help="experiment YAML (repeatable, in order)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="data seed and seed_everything (default 0)")
+    p.add_argument("--out", default="runs/sweeps", help="output folder (default runs/sweeps)")
+    p.add_argument("--data-root", default=None, help="dataset folder (sets --data.root)")
+    p.add_argument("--logger", choices=("csv", "wandb"), default="wandb")
+    p.set_defaults(handler=_cmd_sweep_run)
+
+    p = sub.add_parser(
+        "make-demo-data",
+        help="write a synthetic dataset in the real on-disk format",
+        description="Write a small synthetic BraTS2020 (NIfTI) or ChestX-ray8 (PNG + CSV) set "
+        "and print the folder to give as --data.root.",
+    )
+    p.add_argument("--dataset", required=True, choices=("brats", "chestxray8"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(handler=_cmd_make_demo_data)
+
+    p = sub.add_parser(
+        "show-data",
+        help="PNG grid of training / synthetic-lesion / test images of a config",
+        description="Build the data module of the YAMLs' data sections (plus --data.* "
+        "overrides, e.g. --data.root DIR) and write a grid: augmented training images, the "
+        "same with synthetic lesions (outlined), test images with their gt_mask outlined.",
+    )
+    p.add_argument(
+        "--config", action="append", required=True, help="experiment YAML (repeatable, in order)"
+    )
+    p.add_argument("--out", default="show_data.png", help="PNG path (default show_data.png)")
+    p.set_defaults(handler=_cmd_show_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pathoscope` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_HELP, end="")
+        return 0 if argv else EXIT_USAGE
+    verb = argv[0]
+    if "WANDB_SWEEP_ID" not in os.environ:  # W&B never blocks: offline unless asked (or an agent)
+        os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        if verb in FIT_VERBS:
+            return _run_lightning(argv)
+        if verb in _MODULE_VERBS:
+            return _dispatch_module(_MODULE_VERBS[verb][0], verb)(argv[1:])
+        parser = _front_parser()
+        if verb not in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
+            print(
+                f"pathoscope: error: unknown verb {verb!r} (see pathoscope --help)", file=sys.stderr
+            )
+            return EXIT_USAGE
+        args, extra = parser.parse_known_args(argv)
+        return int(args.handler(args, extra))
+    except SystemExit as exc:  # argparse / jsonargparse --help and usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        print(f"pathoscope {verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not isinstance(err, _error_types()) and not _is_argument_error(err):
+            raise
+        print(f"pathoscope {verb}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_argument_error(err: BaseException) -> bool:
+    return isinstance(err, argparse.ArgumentError) or type(err).__name__ == "ArgumentError"
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of `err` on one line (jsonargparse nests reasons over several lines)."""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[:3]) if lines else type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

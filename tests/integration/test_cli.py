@@ -1,0 +1,252 @@
+"""The `pathoscope` command: every verb's --help, dispatch, bad input (one line, exit 2, nothing
+written), make-demo-data, show-data, and one real `pathoscope train` + `pathoscope table` run as
+a subprocess of the installed console script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import lightning  # noqa: F401  (imported outside capsys: its log handlers keep the real stderr)
+import numpy as np
+import pytest
+from integration_helpers import EXPERIMENTS, REPO, tiny_overrides
+from PIL import Image
+
+from pathoscope import cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
+
+SCRIPT = Path(sys.executable).parent / "pathoscope"
+
+
+def _console_script() -> str:
+    if SCRIPT.is_file():
+        return str(SCRIPT)
+    found = shutil.which("pathoscope")
+    if found is None:
+        pytest.skip("the pathoscope console script is not installed (pip install -e .)")
+    return found
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str], verb: str) -> str:
+    """The error: one line, the last one on stderr (Lightning's info lines may come before it)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and not any("Traceback" in ln for ln in lines)
+    errors = [ln for ln in lines if ln.startswith(("pathoscope: error: ", f"pathoscope {verb}: "))]
+    assert errors == [lines[-1]], lines
+    return lines[-1]
+
+
+# ------------------------------------------------------------------------------- help, dispatch
+@pytest.mark.slow
+def test_every_verb_has_help_through_the_console_script() -> None:
+    exe = _console_script()
+    front = ["train", "table", "grid", "sweep-run", "make-demo-data", "show-data", "fit"]
+    chain = " && ".join([f"{exe} --help", *(f"{exe} {v} --help" for v in front)])
+    proc = subprocess.run(
+        ["bash", "-c", f"set -e; {chain}"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "usage: pathoscope <verb>" in out
+    for verb in front[:-1]:
+        assert f"usage: pathoscope {verb}" in out
+    assert "--data-root" in out and "--param" in out and "--config-name" in out
+    # LightningCLI's help lists the model, data and the always-present callbacks.
+    for key in ("--model.eta", "--data CONFIG", "--metrics.eval_size", "--checkpoint.dirpath"):
+        assert key in out
+
+
+@pytest.mark.parametrize("verb", ["validate", "test", "predict", "export", "bench"])
+def test_other_verbs_have_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = cli._MODULE_VERBS.get(verb, ("",))[0]
+    if module:
+        try:
+            cli._load_module(module, verb)
+        except FileNotFoundError:
+            pytest.skip(f"{module} is not written yet")
+    assert cli.main([verb, "--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_module_verbs_get_their_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType("pathoscope.predict")
+    fake.main = lambda argv: seen.append(argv) or 7  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pathoscope.predict", fake)
+    assert cli.main(["predict", "--ckpt_path", "x.ckpt", "--input", "y"]) == 7
+    assert seen == [["--ckpt_path", "x.ckpt", "--input", "y"]]
+
+
+def test_missing_verb_module_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(cli._MODULE_VERBS, "bench", ("benchmarks.no_such_module", "x"))
+    assert cli.main(["bench"]) == cli.EXIT_USAGE
+    assert "not available" in _one_error_line(capsys, "bench")
+
+
+def test_no_verb_and_unknown_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == cli.EXIT_USAGE
+    assert "usage: pathoscope <verb>" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == cli.EXIT_USAGE
+    assert "unknown verb 'frobnicate'" in _one_error_line(capsys, "frobnicate")
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--dataset", "brats", "--config-name", "nope"], "unknown config 'nope'"),
+        (["--dataset", "brats"], "--data-root is required"),
+        (["--dataset", "brats", "--data-root", "/no/such/folder"], "data root not found"),
+        (["--dataset", "demo", "--shots", "0"], "--shots must be >= 1"),
+        (["--dataset", "demo", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--dataset", "demo", "--bogus", "1"], "unrecognised argument --bogus"),
+    ],
+)
+def test_train_bad_input_is_one_line_and_writes_nothing(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the demo's data/ folder would go here
+    assert cli.main(["train", *args, "--runs", str(tmp_path / "runs")]) == cli.EXIT_USAGE
+    assert message in _one_error_line(capsys, "train")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_on_a_data_root_of_the_wrong_layout(
+    chestxray_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A ChestX-ray8 folder given as BraTS: the data module's DataError, nothing under runs/.
+    runs = tmp_path / "runs"
+    args = ["train", "--dataset", "brats", "--data-root", str(chestxray_root), "--runs", str(runs)]
+    assert cli.main([*args, "--model.pretrained=false"]) == cli.EXIT_USAGE
+    err = _one_error_line(capsys, "train")
+    assert str(chestxray_root) in err and "BraTS20_Training" in err
+    assert not runs.exists()
+
+
+def test_fit_bad_value_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(EXPERIMENTS / "brats.yaml"), "--model.eta", "abc"]
+    assert cli.main(args) == cli.EXIT_USAGE
+    assert "model.eta" in _one_error_line(capsys, "fit")
+
+
+def test_fit_missing_config_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "--config", "no/such.yaml"]) == cli.EXIT_USAGE
+    assert "no/such.yaml" in _one_error_line(capsys, "fit")
+
+
+def test_fit_missing_data_root_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # Lightning's log folder goes here
+    args = ["fit", "--config", str(EXPERIMENTS / "brats.yaml"), "--data.root=/no/such/root"]
+    assert cli.main([*args, "--model.pretrained=false"]) == cli.EXIT_USAGE
+    assert "/no/such/root" in _one_error_line(capsys, "fit")
+
+
+def test_table_of_a_missing_folder_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["table", "--runs", str(tmp_path / "nothing")]) == cli.EXIT_USAGE
+    assert "runs folder not found" in _one_error_line(capsys, "table")
+
+
+def test_grid_bad_param_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["grid", "--config", str(EXPERIMENTS / "brats.yaml"), "--param", "eta"]
+    assert cli.main([*args, "--out", str(tmp_path / "g")]) == cli.EXIT_USAGE
+    assert "KEY=V1,V2" in _one_error_line(capsys, "grid")
+    assert not (tmp_path / "g").exists()
+
+
+# ------------------------------------------------------------------------------- data verbs
+def test_make_demo_data_writes_a_loadable_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "chest"
+    assert cli.main(["make-demo-data", "--dataset", "chestxray8", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert len(list((out / "images").glob("*.png"))) == 120
+    from data_modules.chestxray8 import ChestXray8DataModule
+
+    dm = ChestXray8DataModule(str(out), shots=2, n_test=20, image_size=64)
+    dm.setup("fit")
+    assert len(dm.test_dataset()) == 20
+
+
+def test_show_data_writes_the_grid_of_a_config(brats_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    args = ["show-data", "--config", str(EXPERIMENTS / "brats.yaml"), "--out", str(out)]
+    small = ["--data.image_size=64", "--data.n_test_healthy=4", "--data.n_test_tumorous=5"]
+    assert cli.main([*args, f"--data.root={brats_root}", *small]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (3 * 64, 4 * 64, 3)  # rows: training, synthetic lesions, test
+    assert grid.std() > 0
+
+
+# ------------------------------------------------------------------------------- real command
+@pytest.mark.slow
+def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path: Path) -> None:
+    exe = _console_script()
+    runs = tmp_path / "runs"
+    tiny = [a for a in tiny_overrides("brats", brats_root) if not a.startswith("--data.root")]
+    train = [exe, "train", "--dataset", "brats", "--data-root", str(brats_root), "--shots", "2"]
+    train += ["--repeats", "2", "--runs", str(runs), "--max-steps", "2", *tiny]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| pathoscope | 2 |" in proc.stdout  # the summary table is printed
+
+    base = runs / "brats" / "pathoscope" / "k2"
+    assert sorted(p.name for p in base.iterdir()) == [
+        "seed0",
+        "seed1",
+        "summary.json",
+        "summary.md",
+    ]
+    per_seed = []
+    for seed in (0, 1):
+        folder = base / f"seed{seed}"
+        for name in ("metrics.json", "predictions.npz", "config.yaml", "last.ckpt"):
+            assert (folder / name).is_file(), name
+        config = (folder / "config.yaml").read_text()
+        assert ".partial" not in config and f"dirpath: {folder}" in config
+        assert f"seed_everything: {seed}" in config
+        per_seed.append(json.loads((folder / "metrics.json").read_text()))
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["dataset"] == "brats" and summary["config"] == "pathoscope"
+    assert summary["shots"] == 2 and summary["repeats"] == 2 and summary["weights"] == "random"
+    a, b = (m["image_auroc"] for m in per_seed)
+    stat = summary["metrics"]["image_auroc"]
+    assert stat["values"] == [a, b]
+    assert stat["mean"] == pytest.approx((a + b) / 2)
+    assert stat["std"] == pytest.approx(abs(a - b) / np.sqrt(2))  # sample std of two values
+    md = (base / "summary.md").read_text()
+    assert "Checkpoint reported: last" in md and "Backbone weights: random" in md
+
+    proc = subprocess.run(
+        [exe, "table", "--runs", str(runs / "brats")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| pathoscope | ours |" in proc.stdout
+    assert "| PathoSCOPE | reference: paper Table 1 |" in proc.stdout
+    assert (runs / "brats" / "table.csv").is_file() and (runs / "brats" / "table.md").is_file()

@@ -1,0 +1,46 @@
+"""The demo's claim: trained as `make train` trains it (experiments/demo.yaml: its steps, batch
+size, PiEG, random backbone), PathoSCOPE separates pathological from normal slices better than the
+untrained nearest-anchor baseline (anchor_knn) on the same data, and its anomaly map points at the
+lesions (pixel AUROC above chance: an image score that beats the baseline while the map is
+inverted would be a shortcut, not the method working). Small sizes: the session's synthetic BraTS
+at 64 px (the demo: 128 px) and 40 test slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from integration_helpers import EXPERIMENTS
+
+from pathoscope import runs
+
+pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="Known gap (issue 5 acceptance, open): with the random backbone the demo's discriminator "
+    "map is inverted (demo pixel AUROC 0.9% vs anchor_knn 95.3%, image 46.5% vs 74.4% at the "
+    "demo sizes); see the closing note of this stop.",
+    strict=False,
+)
+def test_demo_beats_anchor_knn(brats_root: Path, tmp_path: Path) -> None:
+    demo = [EXPERIMENTS / "brats.yaml", EXPERIMENTS / "demo.yaml"]
+    small = [
+        f"--data.root={brats_root}",
+        "--data.image_size=64",
+        "--data.n_test_healthy=20",
+        "--data.n_test_tumorous=20",
+        "--metrics.eval_size=64",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    ours = runs.run_one(demo, tmp_path / "demo" / "seed0", 0, small)
+    knn = runs.run_one(
+        [*demo, EXPERIMENTS / "anchor_knn.yaml"], tmp_path / "knn" / "seed0", 0, small
+    )
+    assert ours["weights"] == knn["weights"] == "random"
+    numbers = {k: (ours[k], knn[k]) for k in ("image_auroc", "pixel_auroc", "pro", "dice_best")}
+    assert ours["image_auroc"] > knn["image_auroc"], numbers
+    assert ours["pixel_auroc"] > 0.5, numbers

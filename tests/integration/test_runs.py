@@ -1,0 +1,285 @@
+"""Orchestration: summaries and the paper-style table (hand-made summaries), atomic run folders,
+the local grid, a W&B sweep's command line run offline, resuming after an interruption, and DDP
+on two CPU processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from integration_helpers import EXPERIMENTS, REPO, dataset_configs, tiny_overrides
+
+from pathoscope import cli, runs
+from pathoscope.paper_tables import PAPER_ROWS
+
+pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
+PAPER = REPO.parent / "shared" / "paper" / "pathoscope-paper.md"
+
+
+def _metrics(image: float, pixel: float | None = 0.9) -> dict[str, Any]:
+    return {
+        "image_auroc": image,
+        "pixel_auroc": pixel,
+        "pro": 0.5 if pixel is not None else None,
+        "dice_best": 0.25 if pixel is not None else None,
+        "tau": 0.4,
+        "weights": "random",
+        "eval_size": 64,
+    }
+
+
+# ------------------------------------------------------------------------------- summaries
+def test_summary_statistics_by_hand() -> None:
+    s = runs.summarize("brats", "pathoscope", 2, [_metrics(0.6), _metrics(0.8), _metrics(0.7)])
+    stat = s["metrics"]["image_auroc"]
+    assert stat["values"] == [0.6, 0.8, 0.7]
+    assert stat["mean"] == pytest.approx(0.7)
+    assert stat["std"] == pytest.approx(0.1)  # sample std: sqrt((0.01 + 0.01 + 0) / 2)
+    assert s["metrics"]["pro"] == {"mean": 0.5, "std": 0.0, "values": [0.5, 0.5, 0.5]}
+    one = runs.summarize("chestxray8", "x", 4, [_metrics(0.5, pixel=None)])
+    assert one["metrics"]["image_auroc"]["std"] == 0.0
+    assert one["metrics"]["pixel_auroc"] == {"mean": None, "std": None, "values": [None]}
+    assert {"dataset", "config", "shots", "repeats", "metrics"} <= s.keys()
+    md = runs.summary_markdown(s)
+    assert "| pathoscope | 2 | 70.00 ± 10.00 | 90.00 ± 0.00 | 50.00 ± 0.00 | 25.00 ± 0.00 |" in md
+    assert "Backbone weights: random" in md and "Checkpoint reported: last" in md
+
+
+def _write_summary(base: Path, config: str, shots: int, values: list[float]) -> None:
+    folder = base / config / f"k{shots}"
+    folder.mkdir(parents=True)
+    runs.write_summary(
+        folder, runs.summarize("brats", config, shots, [_metrics(v) for v in values])
+    )
+
+
+def test_table_gathers_configs_and_shots_with_paper_rows(tmp_path: Path) -> None:
+    base = tmp_path / "brats"
+    _write_summary(base, "pathoscope", 2, [0.8, 0.9])
+    _write_summary(base, "pathoscope", 4, [0.85])
+    _write_summary(base, "ablation/no_pieg", 2, [0.7])
+    # A half-written run is hidden (.partial) and must never be read.
+    hidden = base / "glass_manifold" / "k2" / ".seed0.partial"
+    hidden.mkdir(parents=True)
+    (hidden / "summary.json").write_text("{not json")
+    markdown = runs.write_table(base)
+    lines = markdown.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| Method"))
+    assert "Image AUROC K=2 | Image AUROC K=4 | Pixel AUROC K=2" in header
+    assert "Dice K=2 | Dice K=4 |" in header
+    ours = [ln for ln in lines if "| ours |" in ln]
+    assert ours[0].startswith("| pathoscope | ours | 1/2 | 85.00 ± 7.07 | 85.00 ± 0.00 |")
+    assert ours[1].startswith("| ablation/no_pieg | ours | 1 | 70.00 ± 0.00 | - |")
+    assert len(ours) == 2
+    ref = next(ln for ln in lines if ln.startswith("| PathoSCOPE | reference: paper Table 1"))
+    assert "| 89.19 | 89.96 | 97.87 | 97.79 | 88.95 | 89.06 | 49.21 | 48.02 |" in ref
+    with (base / "table.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["method"] == "pathoscope" and rows[0]["source"] == "ours"
+    assert float(rows[0]["image_auroc_k2_mean_pct"]) == pytest.approx(85.0)
+    assert float(rows[0]["image_auroc_k2_std_pct"]) == pytest.approx(100 * math.sqrt(0.005))
+    assert rows[1]["image_auroc_k4_mean_pct"] == ""
+    assert any(r["method"] == "GLASS-h" and r["source"] == "paper Table 1" for r in rows)
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="the paper's text is not in this checkout")
+def test_paper_rows_match_the_paper_text() -> None:
+    text = PAPER.read_text()
+    for dataset, table in (("brats", "Table 1"), ("chestxray8", "Table 2")):
+        for row in PAPER_ROWS[dataset]:
+            if row.source != table:
+                continue
+            numbers = [
+                f"{row.metrics[m][k]:.2f}"
+                for m in ("image_auroc", "pixel_auroc", "pro", "dice_best")
+                if m in row.metrics
+                for k in (2, 4, 6, 8)
+                if row.metrics[m][k] is not None
+            ]
+            # Each row's numbers appear in this order on one line of the paper.
+            pattern = r"[ \t]+".join(re.escape(n) for n in numbers)
+            assert re.search(pattern, text), row.label
+
+
+# ------------------------------------------------------------------------------- atomic runs
+def test_a_failed_run_leaves_nothing_behind(
+    brats_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning as L
+
+    def crash(self: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(L.Trainer, "test", crash)
+    runs_root = tmp_path / "runs"
+    tiny = [a for a in tiny_overrides("brats", brats_root) if not a.startswith("--data.root")]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        runs.train("brats", 2, 1, data_root=str(brats_root), runs_root=runs_root, overrides=tiny)
+    base = runs_root / "brats" / "pathoscope" / "k2"
+    assert list(base.iterdir()) == []  # no seed0, no .seed0.partial, no summary
+    assert runs.load_summaries(runs_root) == []
+
+
+# ------------------------------------------------------------------------------- grid + sweep
+@pytest.mark.slow
+def test_grid_writes_table_and_plot(brats_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    tiny = tiny_overrides("brats", brats_root, max_steps=1)
+    args = ["grid", "--config", str(EXPERIMENTS / "brats.yaml"), "--out", str(out)]
+    args += ["--param", "model.eta=0.005,0.05", "--shots", "2", *tiny]
+    assert cli.main(args) == 0
+    for value in ("0.005", "0.05"):
+        folder = out / f"model.eta={value}" / "k2"
+        config = yaml.safe_load((folder / "seed0" / "config.yaml").read_text())
+        assert config["model"]["eta"] == float(value)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["params"] == {"model.eta": value}
+    table = (out / "grid.md").read_text().splitlines()
+    assert table[0].startswith("| model.eta | Image AUROC K=2 |")
+    assert table[2].startswith("| 0.005 |") and table[3].startswith("| 0.05 |")
+    png = out / "grid_model.eta.png"
+    assert png.is_file() and png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_sweep_command_line_runs_one_configuration_offline(
+    brats_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep = yaml.safe_load((EXPERIMENTS / "sweeps" / "eta.yaml").read_text())
+    assert sweep["program"] == "pathoscope"
+    values = {}
+    for key, spec in sweep["parameters"].items():
+        values[key] = spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))
+    sweep_args = [f"--{k}={v}" for k, v in values.items()]  # W&B's ${args}
+    argv: list[str] = []
+    for part in sweep["command"]:
+        if part == "${args}":
+            argv += sweep_args
+        elif part not in ("${env}", "${program}"):
+            argv.append(part)
+    assert argv[0] == "sweep-run"
+    argv[argv.index("--data-root") + 1] = str(brats_root)  # the file names the user's data
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(REPO)  # sweep files name experiments/ relative to the repository
+    # The test's small sizes go in one more config file, so that the sweep's ${args} alone name
+    # the run (as under a real agent).
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump(_as_config(tiny_overrides("brats", brats_root, max_steps=1))))
+    at = argv.index("--config") + 2
+    argv[at:at] = ["--config", str(tiny)]
+    assert cli.main([*argv, "--out", str(tmp_path / "sweeps")]) == 0
+    assert os.environ["WANDB_MODE"] == "offline"  # never online unless asked
+    (folder,) = (tmp_path / "sweeps" / "brats+tiny").iterdir()
+    assert folder.name == "data.shots=2,model.eta=0.005"
+    run = folder / "seed0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["eta"] == 0.005 and config["data"]["init_args"]["shots"] == 2
+    assert config["data"]["init_args"]["image_size"] == 64
+    logger = config["trainer"]["logger"]
+    assert logger["class_path"].endswith("WandbLogger")
+    assert logger["init_args"]["name"] == "brats-brats+tiny-k2-s0"
+    assert logger["init_args"]["group"] == "brats+tiny"
+    assert list((run / "wandb").glob("offline-run-*"))  # an offline run to `wandb sync`
+    assert json.loads((run / "metrics.json").read_text())["image_auroc"] is not None
+
+
+def _as_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """["--data.image_size=64", ...] -> {"data": {"init_args": {"image_size": 64}}, ...}."""
+    config: dict[str, Any] = {}
+    for arg in overrides:
+        key, _, value = arg.removeprefix("--").partition("=")
+        parts = key.split(".")
+        if parts[0] == "data":
+            parts.insert(1, "init_args")
+        node = config
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return config
+
+
+# ------------------------------------------------------------------------------- resume
+def _fit(root: Path, folder: Path, max_steps: int, resume: bool = False) -> None:
+    args = ["fit", *dataset_configs("brats"), *tiny_overrides("brats", root, max_steps)]
+    args += [f"--trainer.default_root_dir={folder}", f"--checkpoint.dirpath={folder / 'ckpt'}"]
+    if resume:
+        args.append("--ckpt_path=last")
+    assert cli.main(args) == 0
+
+
+def _test(root: Path, ckpt: Path, out: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
+    args = ["test", *dataset_configs("brats"), *tiny_overrides("brats", root), *extra]
+    args += [f"--ckpt_path={ckpt}", f"--metrics.output_dir={out}"]
+    args += [f"--trainer.default_root_dir={out}"]
+    assert cli.main(args) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_reaches_the_same_model(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _fit(brats_root, straight, max_steps=4)
+    _fit(brats_root, resumed, max_steps=2)  # "interrupted" after 2 of 4 steps (an epoch end)
+    first = torch.load(resumed / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 2
+    _fit(brats_root, resumed, max_steps=4, resume=True)
+    a = torch.load(straight / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(resumed / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 4  # = batches seen
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, msg=key)
+    ma = _test(brats_root, straight / "ckpt" / "last.ckpt", straight / "test")
+    mb = _test(brats_root, resumed / "ckpt" / "last.ckpt", resumed / "test")
+    for key in ("image_auroc", "pixel_auroc", "pro", "dice_best", "tau"):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-6, abs=1e-7), key
+
+
+# ------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    script = Path(sys.executable).parent / "pathoscope"
+    if not script.is_file():
+        pytest.skip("the pathoscope console script is not installed")
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    folder = tmp_path / "ddp"
+    base = [*dataset_configs("brats"), *tiny_overrides("brats", brats_root)]
+    fit = [str(script), "fit", *base, *ddp, f"--trainer.default_root_dir={folder}"]
+    fit += [f"--checkpoint.dirpath={folder / 'ckpt'}"]
+    test = [str(script), "test", *base, *ddp, f"--trainer.default_root_dir={folder}"]
+    test += [f"--ckpt_path={folder / 'ckpt' / 'last.ckpt'}", f"--metrics.output_dir={folder}"]
+    test += ["--metrics.save_predictions=true"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for cmd in (fit, test):  # Lightning's DDP launcher re-runs the command for rank 1
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with_ddp = json.loads((folder / "metrics.json").read_text())
+    ckpt = torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and math.isfinite(float(ckpt["state_dict"]["tau"]))
+    # 9 test items on 2 ranks: DistributedSampler pads to 10; the duplicate is removed.
+    index = np.load(folder / "predictions.npz")["index"]
+    assert sorted(index.tolist()) == list(range(9))
+    single = _test(brats_root, folder / "ckpt" / "last.ckpt", tmp_path / "single")
+    for key in ("image_auroc", "pixel_auroc", "pro", "dice_best", "tau", "sensitivity"):
+        assert with_ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key

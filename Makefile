@@ -50,7 +50,7 @@ test: $(STAMP) ## run the test suite (all but GPU tests without CUDA)
 	$(BIN)/pytest -q tests
 
 bench: $(STAMP) ## speed and cost benchmarks, side by side in one run; writes bench.json
-	$(BIN)/pathoscope bench
+	$(BIN)/pathoscope bench $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .

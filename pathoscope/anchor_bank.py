@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import faiss
@@ -44,45 +46,77 @@ def greedy_coreset(
     return _k_centre(feats, n, start)
 
 
-def _k_centre(feats: Tensor, n: int, start: int) -> Tensor:
+def _k_centre(feats: Tensor, n: int, start: int, refresh: int = 8) -> Tensor:
     """Exact greedy k-centre on (N, P) from `start`, with triangle-inequality pruning.
 
     Each point remembers its closest centre; a new centre c can only get closer to a point x of
     centre c' when d(c, c') < 2 d(x, c'), so whole groups whose radius is below d(c, c') / 2 are
     skipped. The selection is identical to the plain O(N) update per step, much cheaper late on.
+    Group radii are upper bounds, recomputed exactly every `refresh` steps: a group only loses
+    points, so a stale radius prunes less but never wrongly.
     """
     num = feats.shape[0]
     sq = (feats * feats).sum(1)  # (N,)
     selected = torch.empty(n, dtype=torch.long)
     selected[0] = start
+    centres = feats.new_empty(n, feats.shape[1])  # selected rows in order: no gather per step
+    centres[0] = feats[start]
+    centre_sq = sq.new_empty(n)
+    centre_sq[0] = sq[start]
     min_d = (sq - 2.0 * feats @ feats[start] + sq[start]).clamp_min_(0.0)  # squared, (N,)
     min_d[start] = 0.0
-    assign = torch.zeros(num, dtype=torch.long)  # index (into `selected`) of each point's centre
-    radius = torch.zeros(n)  # per centre: max distance (not squared) of its points
+    assign = torch.zeros(num, dtype=torch.long, device=feats.device)  # each point's centre
+    radius = torch.zeros(n, device=feats.device)  # per centre: max distance (not squared)
     radius[0] = min_d.max().sqrt()
-    for i in range(1, n):
-        nxt = int(torch.argmax(min_d))
-        selected[i] = nxt
-        c = feats[nxt]
-        prev = feats[selected[:i]]  # (i, P)
-        d_centres = (sq[selected[:i]] - 2.0 * prev @ c + sq[nxt]).clamp_min_(0.0).sqrt()
-        groups = d_centres < 2.0 * radius[:i]  # only these groups can gain a closer centre
-        pts = groups[assign].nonzero().squeeze(1)
-        if pts.numel() > num // 2:  # gathering most rows costs more than one pass over all
-            d = (sq - 2.0 * feats @ c + sq[nxt]).clamp_min_(0.0)
-            closer = d < min_d
-            moved = closer.nonzero().squeeze(1)
-            min_d = torch.minimum(min_d, d)
-        else:
-            d = (sq[pts] - 2.0 * feats[pts] @ c + sq[nxt]).clamp_min_(0.0)
-            closer = d < min_d[pts]
-            moved = pts[closer]
-            min_d[moved] = d[closer]
-        assign[moved] = i
-        min_d[nxt] = 0.0
-        assign[nxt] = i
-        radius[: i + 1] = torch.zeros(i + 1).scatter_reduce_(0, assign, min_d, "amax").sqrt()
+    with one_cpu_thread(feats.device):
+        for i in range(1, n):
+            nxt = int(torch.argmax(min_d))
+            selected[i] = nxt
+            c = feats[nxt]
+            centres[i] = c
+            centre_sq[i] = sq[nxt]
+            d_centres = (centre_sq[:i] - 2.0 * centres[:i] @ c + sq[nxt]).clamp_min_(0.0).sqrt()
+            groups = d_centres < 2.0 * radius[:i]  # only these groups can gain a closer centre
+            pts = groups[assign].nonzero().squeeze(1)
+            if pts.numel() > num // 2:  # gathering most rows costs more than one pass over all
+                d = (sq - 2.0 * feats @ c + sq[nxt]).clamp_min_(0.0)
+                closer = d < min_d
+                moved = closer.nonzero().squeeze(1)
+                min_d = torch.minimum(min_d, d)
+            else:
+                d = (sq[pts] - 2.0 * feats[pts] @ c + sq[nxt]).clamp_min_(0.0)
+                closer = d < min_d[pts]
+                moved = pts[closer]
+                min_d[moved] = d[closer]
+            assign[moved] = i
+            min_d[nxt] = 0.0
+            assign[nxt] = i
+            if i % refresh == 0:
+                radius[: i + 1] = (
+                    torch.zeros(i + 1, device=feats.device)
+                    .scatter_reduce_(0, assign, min_d, "amax")
+                    .sqrt()
+                )
+            elif moved.numel():
+                radius[i] = min_d[moved].max().sqrt()  # the new group's exact radius
     return selected
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a block on one CPU intra-op thread (no-op off the CPU). For loops of small operations
+    (O(N) vectors, a few MB): intra-op threads then cost more in synchronisation than they save,
+    most of all on a loaded machine (the greedy k-centre loop ran 8x slower with 2 threads on a
+    loaded 2-core machine; see BENCHMARKS.md)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class AnchorBank(nn.Module):

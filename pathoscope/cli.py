@@ -11,7 +11,7 @@ front parser here, each with its own `--help`:
   sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
   make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
-  predict, export, bench  (their own modules: pathoscope.predict, pathoscope.export, benchmarks)
+  predict, export, bench  (their own modules: pathoscope.predict, .export, .bench)
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
 line on stderr and exit status 2, never a traceback.
@@ -339,7 +339,7 @@ def _dispatch_module(module: str, verb: str) -> Callable[[list[str]], int]:
 _MODULE_VERBS: dict[str, tuple[str, str]] = {
     "predict": ("pathoscope.predict", "anomaly maps for new images from a checkpoint"),
     "export": ("pathoscope.export", "export a checkpoint"),
-    "bench": ("benchmarks.bench", "speed and cost benchmarks (writes bench.json)"),
+    "bench": ("pathoscope.bench", "speed and cost benchmarks (writes bench.json)"),
 }
 
 

@@ -74,17 +74,29 @@ def global_distance(
     v: Tensor,
     bank: AnchorBank,
     foreground: Tensor | None = None,
-    search: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    search: Callable[..., tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Eq. 4 per image (mean over positions, inside `foreground` (B, h, w) when given), batch mean.
 
     v (B, h, w, C); the result is in units of `bank.distance_scale`. `search` replaces
-    `bank.nearest` (PiEG passes its exact candidate search).
+    `bank.nearest` (PiEG passes its exact candidate search): it is called as search(x) with all
+    B*h*w positions, or, with a foreground, as search(x, rows) with only the positions inside it
+    (rows: their flat indices into B*h*w), since the others do not enter the mean.
     """
     b, h, w, c = v.shape
-    dist, _ = (search or bank.nearest)(v.reshape(-1, c))
-    region = None if foreground is None else foreground.reshape(b, h * w)
-    return positional_mean(dist.reshape(b, h * w), region).mean() / bank.distance_scale
+    flat = v.reshape(b * h * w, c)
+    if foreground is None:
+        dist, _ = (search or bank.nearest)(flat)
+        return dist.reshape(b, h * w).mean(1).mean() / bank.distance_scale
+    region = foreground.reshape(b, h * w)
+    region = region | ~region.any(1, keepdim=True)  # an image with an empty region uses all
+    rows = region.reshape(-1).nonzero()[:, 0]  # (R,) positions inside the region
+    x = flat[rows]
+    dist, _ = bank.nearest(x) if search is None else search(x, rows)
+    image_of = rows // (h * w)
+    per_image = torch.zeros(b, device=v.device, dtype=dist.dtype).index_add(0, image_of, dist)
+    per_image = per_image / region.sum(1).to(dist.dtype)
+    return per_image.mean() / bank.distance_scale
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:

@@ -2,58 +2,179 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from pathoscope.anchor_bank import AnchorBank
+from pathoscope.anchor_bank import AnchorBank, one_cpu_thread
 
 PROJECTIONS = ("none", "hypersphere", "manifold")
 
 
 class CandidateSearch:
-    """Exact nearest-anchor search for queries that stay near reference points.
+    """Exact nearest-anchor search for queries that move in small steps (PiEG's ascent).
 
-    The k nearest anchors of each reference r are found once. For a query x with shift
-    s = ||x - r||, every anchor outside the candidates is at least (r_k - s) away, r_k being r's
-    k-th candidate distance (triangle inequality); so when the best candidate is closer than that,
-    it is the true nearest anchor. The other positions fall back to a full search. PiEG moves
-    v_s a short way from v_n, so one search per training step replaces one per ascent step.
+    Each position (row) keeps a reference point r, its k nearest anchors c_j, D_j = r - c_j,
+    |D_j|^2, and a lower bound L on its distance to every other anchor (the (k+1)-th nearest).
+    A query x = r + delta is answered among the candidates, with one batched product per query:
+    |x - c_j|^2 = |D_j|^2 + 2 D_j.delta + |delta|^2. It is certified when the best candidate is
+    closer than L - |delta|: by the triangle inequality no other anchor can be nearer. A row that
+    is not certified is re-referenced: one k-nearest search from x answers x (its first result)
+    and makes x the row's new reference. So the answers stay exact however far the queries move,
+    and a row costs a k-search only when it has moved about half its candidates' spread.
+
+    Rows are set up lazily, by a k-search from their first query, so positions that are never
+    asked about (Eq. 4 outside the foreground) cost nothing. Rounding: the certificate keeps a
+    margin for the float error of the search's squared distances and of the expansion above, so
+    an answer differs from the full search's only where two anchors tie within that error.
     """
 
     def __init__(self, bank: AnchorBank, reference: Tensor, k: int = 8) -> None:
         self.bank = bank
-        self.reference = reference.detach()  # (M, C)
-        sq, idx = bank.search(self.reference, k)  # (M, k) sorted ascending
-        self.candidates = idx
-        if idx.shape[1] >= len(bank):  # every anchor is a candidate: always certified
-            self.bound = torch.full((idx.shape[0],), math.inf, device=idx.device)
-        else:
-            self.bound = sq[:, -1].sqrt()
-        self.fallbacks = 0  # positions that needed a full search (for logging and tests)
+        self.reference = reference.detach()  # (M, C): rows; nearest_to_reference() answers it
+        self.k = min(k, len(bank))
+        self.fallbacks = 0  # queries that were not certified (re-referenced), for logs and tests
+        self.searches = 0  # rows k-searched: lazy set-ups + re-references
+        m, c = self.reference.shape
+        dev = self.reference.device
+        anchors = bank.anchors.detach().to(dev).float()
+        self._anchors = anchors  # (A, C)
+        self._anchor_sq_max = float((anchors * anchors).sum(1).max()) if len(bank) else 0.0
+        self._slot = torch.full((m,), -1, dtype=torch.long, device=dev)  # row -> storage slot
+        self._ref = torch.empty(0, c, device=dev)  # (S, C) per slot: the reference r
+        self._cand = torch.empty(0, self.k, dtype=torch.long, device=dev)  # (S, k)
+        # (S, C, k): D = r - anchors[cand], channels first so that the per-query product is one
+        # bmm of (S, 1, C) by (S, C, k) (5x faster on CPU than (S, k, C) by (S, C, 1)).
+        self._diff = torch.empty(0, c, self.k, device=dev)
+        self._diff_sq = torch.empty(0, self.k, device=dev)  # (S, k): |D|^2
+        self._bound = torch.empty(0, device=dev)  # (S,): L, lower bound to non-candidates
+        eps_in = _matmul_input_eps(dev)
+        # Relative error of a float32 dot product of length C (worst case; inputs rounded by
+        # eps_in where matmuls run in TF32 / bf16), for sums of squared distances.
+        self._rtol = (c + 4) * torch.finfo(torch.float32).eps + 4.0 * eps_in
 
     def nearest_to_reference(self) -> Tensor:
-        """Index (M,) of each reference's nearest anchor (the first candidate)."""
-        return self.candidates[:, 0]
+        """Index (M,) of each reference's nearest anchor."""
+        return self.nearest(self.reference)[1]
 
-    def nearest(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Like AnchorBank.nearest for x (M, C) close to the references: (dist (M,), idx (M,))."""
-        anchors = self.bank.anchors.to(x.device)
+    def nearest(self, x: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Like AnchorBank.nearest: (dist (R,), differentiable w.r.t. x, idx (R,)).
+
+        x (R, C) are the queries of rows `rows` (R,) (indices into the M references); without
+        `rows`, x holds all M rows in order.
+        """
         xd = x.detach().float()
-        cand = anchors[self.candidates]  # (M, k, C)
-        d_cand = torch.linalg.vector_norm(xd[:, None, :] - cand, dim=-1)  # (M, k)
-        best, pos = d_cand.min(1)
-        idx = self.candidates.gather(1, pos[:, None])[:, 0]
-        shift = torch.linalg.vector_norm(xd - self.reference, dim=-1)
-        unsure = best > self.bound - shift
+        m = self._slot.shape[0]
+        if rows is None:
+            if xd.shape[0] != m:
+                raise ValueError(
+                    f"CandidateSearch: expected ({m}, C) queries, got {tuple(x.shape)}"
+                )
+            rows = torch.arange(m, device=xd.device)
+        dev = xd.device
+        with one_cpu_thread(dev):  # small operations: see one_cpu_thread
+            slots = self._slot[rows]
+            new = slots < 0
+            if bool(new.any()):
+                slots = self._allocate(rows, new)
+            if bool(new.all()):
+                idx, unsure = torch.empty_like(slots), new
+            elif bool(new.any()):
+                idx, unsure = torch.empty_like(slots), new.clone()
+                idx[~new], unsure[~new] = self._certify(slots[~new], xd[~new])
+            else:
+                idx, unsure = self._certify(slots, xd)
         if bool(unsure.any()):
-            self.fallbacks += int(unsure.sum())
-            _, full = self.bank.search(xd[unsure], 1)
-            idx = idx.clone()
-            idx[unsure] = full[:, 0]
-        return torch.linalg.vector_norm(x - anchors[idx].to(x.dtype), dim=-1), idx
+            u = unsure.nonzero()[:, 0]
+            # A k-search of many rows is large enough to use every thread.
+            threads = contextlib.nullcontext() if len(u) >= 1024 else one_cpu_thread(dev)
+            with threads:
+                idx[u] = self._set_reference(slots[u], xd[u])
+        anchor = self._anchors[idx].to(x.device, x.dtype)
+        return torch.linalg.vector_norm(x - anchor, dim=-1), idx
+
+    def _certify(self, slots: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Best candidate of x (S, C) at these slots: (idx (S,), not certified (S,) bool)."""
+        if _is_range(slots, self._ref.shape[0]):
+            sl: Tensor | slice = slice(None)  # the usual case: the set-up's rows, no gathers
+        else:
+            sl = slots
+        delta = x - self._ref[sl]  # (S, C)
+        d_sq = (delta * delta).sum(1)  # (S,)
+        diff_sq = self._diff_sq[sl]  # (S, k)
+        sq = torch.bmm(delta[:, None, :], self._diff[sl])[:, 0]  # (S, k): D.delta
+        sq = sq.mul_(2.0).add_(diff_sq).add_(d_sq[:, None])  # |x - c|^2 = |D + delta|^2
+        best, pos = sq.min(1)  # (S,)
+        # Certified: sqrt(best + err) < L - |delta|, err bounding the expansion's rounding.
+        err = self._rtol * 2.0 * (diff_sq.gather(1, pos[:, None])[:, 0] + d_sq)
+        margin = self._bound[sl] - d_sq.sqrt() * (1.0 + self._rtol)
+        unsure = (margin <= 0) | (best.clamp_min(0.0) + err >= margin * margin)
+        self.fallbacks += int(unsure.sum())
+        return self._cand[sl].gather(1, pos[:, None])[:, 0], unsure
+
+    def _allocate(self, rows: Tensor, new: Tensor) -> Tensor:
+        """Give the new rows (rows[new], in order) storage slots; returns the slots of `rows`."""
+        fresh = rows[new]
+        if fresh.unique().numel() != fresh.numel():
+            raise ValueError("CandidateSearch: rows must not repeat")
+        start, n = self._ref.shape[0], fresh.numel()
+        self._slot[fresh] = torch.arange(start, start + n, device=self._slot.device)
+        c = self._ref.shape[1]
+        self._ref = torch.cat([self._ref, self._ref.new_empty(n, c)])
+        self._cand = torch.cat([self._cand, self._cand.new_empty(n, self.k)])
+        self._diff = torch.cat([self._diff, self._diff.new_empty(n, c, self.k)])
+        self._diff_sq = torch.cat([self._diff_sq, self._diff_sq.new_empty(n, self.k)])
+        self._bound = torch.cat([self._bound, self._bound.new_empty(n)])
+        return self._slot[rows]
+
+    def _set_reference(self, slots: Tensor, x: Tensor) -> Tensor:
+        """k-search from x (U, C): x becomes these slots' reference; returns x's nearest (U,)."""
+        self.searches += int(x.shape[0])
+        every = self.k >= len(self.bank)  # every anchor is a candidate: always certified
+        sq, cand = self.bank.search(x, self.k if every else self.k + 1)  # ascending
+        cand = cand[:, : self.k].to(x.device)  # (U, k); the (k+1)-th only bounds the others
+        diff = self._anchors[cand]  # (U, k, C)
+        torch.sub(x[:, None, :], diff, out=diff)  # D = x - c, in place
+        diff_sq = torch.linalg.vector_norm(diff, dim=-1).square_()  # (U, k), one pass
+        diff = diff.transpose(1, 2)  # (U, C, k), the layout of the stored D
+        if every:
+            bound = torch.full((x.shape[0],), math.inf, device=x.device)
+        else:
+            # Every other anchor is at least as far as the (k+1)-th, up to the search's rounding
+            # of squared distances, ~ rtol (|x|^2 + |a|^2).
+            tol = self._rtol * ((x * x).sum(1) + self._anchor_sq_max)
+            bound = (sq[:, self.k].to(x.device) - tol).clamp_min(0.0).sqrt()
+        if _is_range(slots, self._ref.shape[0]):  # every row at once (the set-up): no copies
+            self._ref, self._cand, self._diff = x.clone(), cand, diff.contiguous()
+            self._diff_sq, self._bound = diff_sq, bound
+        else:
+            self._ref[slots] = x
+            self._cand[slots] = cand
+            self._diff[slots] = diff
+            self._diff_sq[slots] = diff_sq
+            self._bound[slots] = bound
+        return cand[:, 0]
+
+
+def _is_range(slots: Tensor, n: int) -> bool:
+    """slots == [0, 1, ..., n-1]: the stored rows in storage order."""
+    if slots.numel() != n:
+        return False
+    return bool((slots == torch.arange(n, device=slots.device)).all())
+
+
+def _matmul_input_eps(device: torch.device) -> float:
+    """Rounding of float32 matmul inputs: 0 in full float32, the unit roundoff of TF32 / bf16 where
+    torch may use them (float32_matmul_precision "high" / "medium": CUDA, and oneDNN on CPU)."""
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0**-8
+    if precision == "high" or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        return 2.0**-11
+    return 0.0
 
 
 def pieg(

@@ -195,6 +195,36 @@ def test_global_distance_uses_the_given_search(bank: AnchorBank) -> None:
     assert calls == [3]
 
 
+def test_global_distance_searches_only_the_foreground(bank: AnchorBank) -> None:
+    """With a foreground, only its positions are searched (search(x, rows), rows = their flat
+    indices; an image with an empty foreground: all of its positions), and value and gradient are
+    those of the mean over all positions restricted to the region."""
+    v = grid(
+        [(1.0, 0.0), (0.0, 3.0), (10.0, 8.0)],
+        [(6.0, 0.0), (4.0, 0.0), (10.0, 0.0)],
+        [(2.0, 2.0), (9.0, 1.0), (7.0, 0.0)],
+    ).requires_grad_(True)
+    fg = torch.tensor([[[1, 1, 0]], [[0, 0, 1]], [[0, 0, 0]]], dtype=torch.bool)
+    seen: list[Tensor] = []
+
+    def search(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        seen.append(rows)
+        torch.testing.assert_close(x, v.reshape(-1, 2)[rows])
+        return bank.nearest(x)
+
+    d = global_distance(v, bank, fg, search=search)
+    assert torch.equal(seen[0], torch.tensor([0, 1, 5, 6, 7, 8]))
+    dist_all = bank.nearest(v.reshape(-1, 2))[0].reshape(3, 3)
+    expected = positional_mean(dist_all, fg.reshape(3, 3)).mean() / 2.0
+    (grad,) = torch.autograd.grad(d, v)
+    (grad_ref,) = torch.autograd.grad(expected, v)
+    torch.testing.assert_close(d, expected)
+    torch.testing.assert_close(grad, grad_ref)
+    assert bool((grad[0, 0, 2] == 0).all()) and bool((grad[2, 0, 2] != 0).any())
+    # Without a search, the bank searches the same positions.
+    torch.testing.assert_close(global_distance(v, bank, fg), expected)
+
+
 def test_positional_mean_by_hand() -> None:
     dist = torch.tensor([[1.0, 2.0, 6.0], [3.0, 5.0, 7.0]])
     torch.testing.assert_close(positional_mean(dist, None), torch.tensor([3.0, 5.0]))

@@ -4,6 +4,7 @@ side effects on D; the gradient the training loss sees; and the exact candidate 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -385,3 +386,106 @@ def test_pieg_with_candidate_search_equals_pieg_with_the_bank(
         results.append(pieg(v_n, terms, 0.05, steps=20, generator=gen()))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
     assert norms(results[0] - v_n).mean() > 0.5
+
+
+def exact_nearest(x: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference in float64: (distance to the nearest anchor, its index) of each row of x."""
+    d = torch.cdist(x.double(), anchors.double())
+    best, idx = d.min(1)
+    return best, idx
+
+
+def assert_same_as_exact(idx: Tensor, x: Tensor, anchors: Tensor, tie: float = 0.0) -> None:
+    """idx equals the float64 nearest anchor, except where both are within `tie` (a float tie)."""
+    best, ref = exact_nearest(x, anchors)
+    differ = idx != ref
+    if tie == 0.0:
+        assert not bool(differ.any()), int(differ.sum())
+    ours = torch.linalg.vector_norm(x.double() - anchors[idx].double(), dim=-1)
+    assert bool((ours[differ] - best[differ] <= tie).all())
+
+
+def test_candidate_search_rereferences_along_ascent_paths(search_data: dict[str, Tensor]) -> None:
+    """PiEG-like paths (a noise jump, then 40 steps of 0.15 along slowly turning directions): every
+    answer is the exact nearest anchor; rows whose candidates cannot certify the answer are
+    re-referenced (one k-search) and later steps are certified from there, so far fewer rows are
+    searched than queries are answered."""
+    bank = AnchorBank.from_features(search_data["features"], coreset_ratio=0.5)
+    ref = search_data["reference"]
+    g = gen(5)
+    search = CandidateSearch(bank, ref, k=8)
+    _, idx = search.nearest(ref)
+    assert search.searches == ref.shape[0] and search.fallbacks == 0  # set-up, no fallback
+    x = ref + torch.randn(ref.shape, generator=g)  # the noise jump: most rows re-referenced
+    _, idx = search.nearest(x)
+    assert_same_as_exact(idx, x, bank.anchors)
+    assert search.fallbacks > ref.shape[0] // 2
+    direction = search_data["direction"].clone()
+    before = search.searches
+    for _ in range(40):
+        turn = torch.randn(ref.shape, generator=g)
+        direction = direction + 0.2 * turn / norms(turn)[:, None]
+        direction = direction / norms(direction)[:, None]
+        x = x + 0.15 * direction
+        dist, idx = search.nearest(x)
+        assert_same_as_exact(idx, x, bank.anchors)
+        torch.testing.assert_close(dist, bank.nearest(x)[0])
+    searched = search.searches - before
+    assert 0 < searched < 40 * ref.shape[0] // 4, searched  # re-references happen, rarely
+    assert search.searches - ref.shape[0] == search.fallbacks  # each fallback: one k-search
+
+
+def test_candidate_search_sets_up_only_the_rows_asked_for(search_data: dict[str, Tensor]) -> None:
+    """rows=...: a subset is set up lazily (the others cost nothing), other subsets and all rows
+    mix new and known rows, in any order; every answer is exact and differentiable."""
+    bank = AnchorBank.from_features(search_data["features"], coreset_ratio=0.5)
+    ref = search_data["reference"]
+    step = 0.3 * search_data["direction"]
+    search = CandidateSearch(bank, ref, k=4)
+    first = torch.arange(0, 300, 3)  # 100 rows
+    _, idx = search.nearest(ref[first], first)
+    assert search.searches == 100
+    assert torch.equal(idx, bank.nearest(ref[first])[1])
+    mixed = torch.arange(299, -1, -2)  # 150 rows, 50 known, in reverse order
+    x = (ref + step)[mixed].requires_grad_(True)
+    dist, idx = search.nearest(x, mixed)
+    assert search.searches == 200 + search.fallbacks  # the 100 new rows (+ re-references)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref_dist, ref_idx = bank.nearest(x_ref)
+    assert torch.equal(idx, ref_idx)
+    dist.sum().backward()
+    ref_dist.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    x = ref + 2 * step  # all rows: the last 100 are new
+    dist, idx = search.nearest(x)
+    assert torch.equal(idx, bank.nearest(x)[1])
+    assert torch.equal(search.nearest_to_reference(), bank.nearest(ref)[1])
+    with pytest.raises(ValueError, match="expected"):
+        search.nearest(ref[:10])
+    with pytest.raises(ValueError, match="repeat"):
+        CandidateSearch(bank, ref).nearest(ref[[1, 1]], torch.tensor([1, 1]))
+
+
+def test_candidate_search_is_exact_far_from_the_origin(search_data: dict[str, Tensor]) -> None:
+    """Features whose norms dwarf their spacing (real features: ~50x the distance scale). The
+    search's squared distances |x|^2 + |a|^2 - 2 x.a then lose digits, so its (k+1)-th distance
+    may overstate how far the other anchors are; the bound L keeps a margin for that: it is never
+    above a left-out anchor's float64 distance. Answers stay those of the full search, up to ties
+    within its rounding."""
+    offset = 300.0 * torch.ones(16)  # |x|^2 ~ 1.4e6: float32 rounding ~0.1 on squared distances
+    bank = AnchorBank.from_features(search_data["features"] + offset, coreset_ratio=0.5)
+    ref = search_data["reference"] + offset
+    search = CandidateSearch(bank, ref, k=8)
+    search.nearest(ref)
+    d = torch.cdist(search._ref.double(), bank.anchors.double())  # (M, A), the set-up's refs
+    d.scatter_(1, search._cand, math.inf)  # only the anchors left out of the candidates
+    assert bool((search._bound.double() <= d.min(1).values).all())
+    tie = 1e-6 * 2 * float((ref * ref).sum(1).max())  # the search's own rounding of |x - a|^2
+    for shift in (0.02, 0.2, 1.0):
+        x = ref + shift * search_data["direction"]
+        dist, idx = search.nearest(x)
+        _, ref_idx = bank.nearest(x)
+        ours = dist.double() ** 2
+        theirs = torch.linalg.vector_norm(x.double() - bank.anchors[ref_idx].double(), dim=-1) ** 2
+        assert bool(((ours - theirs).abs() <= tie).all())
+        assert bool((ours <= exact_nearest(x, bank.anchors)[0] ** 2 + tie).all())

@@ -131,6 +131,12 @@ class PathoScope(L.LightningModule):
         eta, pieg_steps: PiEG step size and T (paper: T=20; eta 0.01 BraTS, 0.05 ChestXray8).
         noise_std, noise_mean: PiEG's Gaussian start (GLASS/SimpleNet std 0.015; see DESIGN.md).
         pieg_keep_noise: keep the start in v_s (iterative reading; False = Eq. 3 as printed).
+        pieg_units: "absolute" (the paper's: eta and the noise in feature units, sized for ImageNet
+            ResNet18 features, whose anchor distances are tens of units) or "distance_scale"
+            (ours): eta, noise_std and noise_mean are multiplied by the bank's distance_scale, so
+            PiEG moves v_s the same fraction of the anchor spacing whatever the backbone's feature
+            scale (other weights; the random backbone, whose anchor distances are ~0.1-0.6 and
+            where the absolute values carry v_s past the nearest anchors).
         pieg_min_distance: radius r, in units of the bank's distance_scale (ours; 0 = off): the
             minimum ||v_s - v_n|| per position, or with `pieg_projection` GLASS's bounded forms:
             "hypersphere" keeps ||v_s - v_n|| in [r, 2r], "manifold" keeps v_s's distance to the
@@ -163,6 +169,7 @@ class PathoScope(L.LightningModule):
         noise_std: float = 0.015,
         noise_mean: float = 0.0,
         pieg_keep_noise: bool = True,
+        pieg_units: Literal["absolute", "distance_scale"] = "absolute",
         pieg_min_distance: float = 0.0,
         pieg_projection: Literal["none", "hypersphere", "manifold"] = "none",
         lambda_pull: float = 1.0,
@@ -328,13 +335,14 @@ class PathoScope(L.LightningModule):
             return loss
 
         gen = torch.Generator().manual_seed(int(self.global_step) * 7919 + hp.bank_seed)
+        unit = self.pieg_unit()
         v_s = pieg(
             v_n,
             global_terms,
-            eta=hp.eta if hp.use_pieg else 0.0,
+            eta=hp.eta * unit if hp.use_pieg else 0.0,
             steps=hp.pieg_steps if hp.use_pieg else 0,
-            noise_std=hp.noise_std,
-            noise_mean=hp.noise_mean,
+            noise_std=hp.noise_std * unit,
+            noise_mean=hp.noise_mean * unit,
             keep_noise=hp.pieg_keep_noise,
             min_distance=hp.pieg_min_distance * float(self.bank.distance_scale),
             projection=hp.pieg_projection,
@@ -360,6 +368,17 @@ class PathoScope(L.LightningModule):
             out["d_s_minus_d_n"] = torch.sigmoid(l_s).mean() - torch.sigmoid(l_n).mean()
         return out
 
+    def pieg_unit(self) -> float:
+        """The feature-space length of one unit of eta / noise_std (see `pieg_units`)."""
+        if self.hparams.pieg_units == "distance_scale":
+            return float(self.bank.distance_scale)
+        if self.hparams.pieg_units != "absolute":
+            raise ValueError(
+                "PathoScope: pieg_units must be 'absolute' or 'distance_scale', "
+                f"got {self.hparams.pieg_units!r}"
+            )
+        return 1.0
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.training_losses(batch)
         b = batch["image"].shape[0]
@@ -384,9 +403,36 @@ class PathoScope(L.LightningModule):
         m = self.blur(F.interpolate(s, size=x.shape[-2:], mode="bilinear", align_corners=False))
         return InferenceOutput(image_score(m, foreground), m)
 
+    def _set_folded(self) -> None:
+        """Folded detector of the current weights for evaluation (exact within 1e-5, ~1.7x faster
+        on CPU). Rebuilt per epoch since D trains between validations; kept out of the module tree
+        so it never enters state_dict."""
+        folded = None
+        if self.hparams.score_source == "discriminator":
+            from pathoscope.inference import FoldedDetector  # inference imports this module
+
+            folded = FoldedDetector.from_model(self).to(self.device).eval()
+        self.__dict__["_folded"] = folded
+
+    def on_validation_epoch_start(self) -> None:
+        self._set_folded()
+
+    def on_test_epoch_start(self) -> None:
+        self._set_folded()
+
+    def on_validation_epoch_end(self) -> None:
+        self.__dict__.pop("_folded", None)
+
+    def on_test_epoch_end(self) -> None:
+        self.__dict__.pop("_folded", None)
+
     def _eval_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self(batch["image"], batch.get("foreground"))
-        return {"score": out.score, "anomaly_map": out.anomaly_map}
+        folded = self.__dict__.get("_folded")
+        if folded is None:
+            out = self(batch["image"], batch.get("foreground"))
+            return {"score": out.score, "anomaly_map": out.anomaly_map}
+        score, anomaly_map = folded(batch["image"], batch.get("foreground"))
+        return {"score": score, "anomaly_map": anomaly_map}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch)

@@ -178,3 +178,46 @@ def test_image_score_is_max_inside_foreground() -> None:
     fg[0, 0, 1:, 1:] = True  # image 1: empty foreground -> whole map
     assert image_score(m, fg).tolist() == [1.0, 2.0]
     assert image_score(m).tolist() == [5.0, 2.0]
+
+
+@pytest.mark.parametrize("units", ["absolute", "distance_scale"])
+def test_pieg_units_scale_the_step(brats_root: Path, units: str) -> None:
+    """One noiseless PiEG step moves every position by eta feature units ("absolute", the paper's)
+    or by eta bank distance scales ("distance_scale"); train/pieg_shift is in distance scales."""
+    L.seed_everything(0)
+    dm = _datamodule(brats_root)
+    batch = next(iter(dm.train_dataloader()))
+    model = _model(pieg_units=units, eta=0.05, pieg_steps=1, noise_std=0.0)
+    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    scale = float(model.bank.distance_scale)
+    assert scale > 0.0 and abs(scale - 1.0) > 0.1  # the two units must differ here
+    shift = float(model.training_losses(batch)["pieg_shift"])
+    expected = 0.05 if units == "distance_scale" else 0.05 / scale
+    assert shift == pytest.approx(expected, rel=1e-4)
+
+
+def test_pieg_units_rejects_unknown(brats_root: Path) -> None:
+    model = _model(pieg_units="pixels")
+    with pytest.raises(ValueError, match="pieg_units"):
+        model.pieg_unit()
+
+
+def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tuple) -> None:
+    """validation/test steps run the folded graph built at epoch start: same outputs as forward,
+    rebuilt from the weights of that moment, and never part of the state_dict."""
+    model, _, _ = fitted
+    model.eval()
+    keys = set(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    fg = torch.rand(2, 1, 64, 64) > 0.3
+    with torch.no_grad():
+        model.discriminator.fc2.bias.add_(0.5)  # weights after the previous epoch's training
+        model.on_validation_epoch_start()
+        assert model.__dict__.get("_folded") is not None
+        out = model.validation_step({"image": x, "foreground": fg}, 0)
+        ref = model(x, fg)
+    assert (out["anomaly_map"] - ref.anomaly_map).abs().max() < 1e-5
+    assert (out["score"] - ref.score).abs().max() < 1e-5
+    assert set(model.state_dict()) == keys
+    model.on_validation_epoch_end()
+    assert "_folded" not in model.__dict__

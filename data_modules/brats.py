@@ -258,7 +258,28 @@ class BraTSDataModule(FewShotDataModule):
             "foreground": "voxels > 0 in any chosen modality",
             "orientation": "axial slice k = vol[:, :, k] of the stored array, no reorientation "
             "(BraTS/ITK LPS affine)",
+            **self._training_geometry(),
         }
+
+    def _training_geometry(self) -> dict[str, object]:
+        """What `pathoscope predict` compares new volumes with, from the K training subjects once
+        the split exists: `axcodes` and `voxel_spacing` (mm) of their stored arrays (headers only)
+        and `foreground_fraction`, the mean foreground fraction of their healthy in-range slices
+        (the training and validation-normal samples)."""
+        if self._split is None:
+            return {}
+        subjects = [self._subjects[name] for name in self.split.train_subjects]
+        headers = [nib.load(str(sub.images[0])) for sub in subjects]
+        axcodes = {nib.aff2axcodes(h.affine) for h in headers}
+        spacing = np.mean([np.asarray(h.header.get_zooms()[:3], float) for h in headers], axis=0)
+        samples = [*self.split.train, *(s for group in self.split.val_normal for s in group)]
+        fractions = [float(sample.foreground.mean()) for sample in samples]
+        info: dict[str, object] = {"voxel_spacing": [round(float(z), 4) for z in spacing]}
+        if len(axcodes) == 1:  # mixed orientations: predict falls back to the BraTS default
+            info["axcodes"] = list(axcodes.pop())
+        if fractions:
+            info["foreground_fraction"] = round(float(np.mean(fractions)), 4)
+        return info
 
     # ------------------------------------------------------------------------- split
     def _build_split(self) -> Split:

@@ -171,6 +171,33 @@ def test_preprocessing_description(dm0: BraTSDataModule) -> None:
     assert "99.5" in str(info["normalization"]) and "vol[:, :, k]" in str(info["orientation"])
 
 
+def _flair(root: Path, subject: str) -> Path:
+    return root / subject / f"{subject}_flair.nii.gz"
+
+
+def test_preprocessing_records_training_geometry(brats_root: Path) -> None:
+    """axcodes / voxel spacing from the training subjects' headers, and the foreground fraction of
+    their healthy in-range slices, worked out here from the raw files (resizing changes it < 0.02)."""
+    dm = BraTSDataModule(
+        str(brats_root), shots=2, image_size=64, n_test_healthy=6, n_test_tumorous=6
+    )
+    assert "axcodes" not in dm.preprocessing()  # no split yet: nothing to read
+    dm.setup("fit")
+    info = dm.preprocessing()
+    assert info["axcodes"] == ["L", "P", "S"]  # synthetic BraTS: the LPS affine diag(-1, -1, 1)
+    assert info["voxel_spacing"] == [1.0, 1.0, 1.0]
+    samples = [*dm.split.train, *(s for group in dm.split.val_normal for s in group)]
+    expected = np.mean(
+        [
+            (
+                np.asarray(nib.load(str(_flair(brats_root, s.subject))).dataobj)[:, :, s.slice] > 0
+            ).mean()
+            for s in samples
+        ]
+    )
+    assert abs(info["foreground_fraction"] - expected) < 0.02
+
+
 # ----------------------------------------------------------------------------- items and loaders
 def test_item_keys_dtypes_and_shapes(dm0: BraTSDataModule) -> None:
     item = dm0.test_dataset()[5]

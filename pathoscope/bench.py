@@ -575,7 +575,9 @@ def bench_training(
     torch.manual_seed(0)
     full = make_model(sizes)
     full.backbone.load_state_dict(backbone.state_dict())
-    baseline = make_model(sizes, use_local_contrast=False, use_global_contrast=False)
+    baseline = make_model(
+        sizes, use_local_contrast=False, use_global_contrast=False, pieg_direction="ascent"
+    )
     set_bank(full, anchors, heldout)
     baseline.load_state_dict(full.state_dict())  # same weights, same bank
     models = {"pathoscope": full, "glass_baseline": baseline}

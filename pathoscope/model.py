@@ -129,6 +129,14 @@ class PathoScope(L.LightningModule):
     Args (defaults from the paper unless marked):
         pretrained, weights: backbone weights (see `Backbone`); `weights=PATH` wins.
         eta, pieg_steps: PiEG step size and T (paper: T=20; eta 0.01 BraTS, 0.05 ChestXray8).
+        pieg_direction: "descent" (default; departs from DESIGN.md's reading): each PiEG step moves
+            v_s down the gradient of its L_global terms, so D(v_s) rises and v_s leaves the anchors,
+            as the paper's text describes GPEs ("as eta increases, the GPEs drift further from the
+            non-pathological distribution, simulating more severe anomalies"). "ascent" is Eq. 3's
+            printed sign and DESIGN.md's reading (v_s moves towards normal: GLASS's hard negatives,
+            which GLASS bounds with its projections; the GLASS baselines use it). Measured with the
+            random backbone: ascent without a projection inverts the map (demo pixel AUROC 1%,
+            tumours scored below normal brain), descent learns it (demo 98.8%).
         noise_std, noise_mean: PiEG's Gaussian start (GLASS/SimpleNet std 0.015; see DESIGN.md).
         pieg_keep_noise: keep the start in v_s (iterative reading; False = Eq. 3 as printed).
         pieg_units: "absolute" (the paper's: eta and the noise in feature units, sized for ImageNet
@@ -169,6 +177,7 @@ class PathoScope(L.LightningModule):
         noise_std: float = 0.015,
         noise_mean: float = 0.0,
         pieg_keep_noise: bool = True,
+        pieg_direction: Literal["descent", "ascent"] = "descent",
         pieg_units: Literal["absolute", "distance_scale"] = "absolute",
         pieg_min_distance: float = 0.0,
         pieg_projection: Literal["none", "hypersphere", "manifold"] = "none",
@@ -349,6 +358,7 @@ class PathoScope(L.LightningModule):
             nearest=self.bank.nearest,
             anchors=self.bank.anchors,
             generator=gen,
+            direction=hp.pieg_direction,
         )
 
         # D once on [v_n, v_p, v_s]: one BatchNorm batch (Eq. 5, Eq. 6).

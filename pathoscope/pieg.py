@@ -190,11 +190,16 @@ def pieg(
     nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     anchors: Tensor | None = None,
     generator: torch.Generator | None = None,
+    direction: str = "ascent",
 ) -> Tensor:
-    """Eq. 3: v_s = v_n + delta, delta from `steps` ascent moves of eta * g / ||g|| per position.
+    """Eq. 3: v_s = v_n + delta, delta from `steps` moves of eta * g / ||g|| per position.
 
     v_n (B, h, w, C). `global_terms(v_s)` returns the terms of L_global that depend on v_s; `g` is
-    its gradient w.r.t. v_s, normalised over channels at each position. delta starts as Gaussian
+    its gradient w.r.t. v_s, normalised over channels at each position. `direction="ascent"` adds
+    eta * g / ||g|| (Eq. 3 as printed: L_global rises, so D(v_s) falls and v_s nears the anchors:
+    hard negatives, as GLASS); "descent" subtracts it (L_global falls: D(v_s) rises and v_s leaves
+    the anchors, the paper's text: larger eta, GPEs further from the normal distribution; see
+    `PathoScope`'s `pieg_direction`). delta starts as Gaussian
     noise N(noise_mean, noise_std^2); `keep_noise=False` drops that start from the result, as Eq. 3
     prints it. delta is detached: v_s carries v_n's graph only. Only autograd.grad is used, so no
     parameter's .grad is touched.
@@ -209,15 +214,18 @@ def pieg(
     noise = (
         torch.randn(base.shape, generator=generator, device="cpu").to(base) * noise_std + noise_mean
     )
-    ascent = torch.zeros_like(base)
+    if direction not in ("ascent", "descent"):
+        raise ValueError(f"pieg: direction must be 'ascent' or 'descent', got {direction!r}")
+    step = eta if direction == "ascent" else -eta
+    moved = torch.zeros_like(base)
     if eta != 0.0:
         for _ in range(steps):
-            v = (base + noise + ascent).requires_grad_(True)
+            v = (base + noise + moved).requires_grad_(True)
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(global_terms(v), v)
             norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-            ascent = ascent + eta * g / norm.clamp_min(1e-12)
-    delta = noise + ascent if keep_noise else ascent
+            moved = moved + step * g / norm.clamp_min(1e-12)
+    delta = noise + moved if keep_noise else moved
     delta = project(base, delta, min_distance, projection, nearest, anchors)
     return v_n + delta.detach()
 

@@ -221,3 +221,29 @@ def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tup
     assert set(model.state_dict()) == keys
     model.on_validation_epoch_end()
     assert "_folded" not in model.__dict__
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"), [({}, "descent"), ({"pieg_direction": "ascent"}, "ascent")]
+)
+def test_pieg_direction_reaches_pieg(
+    brats_root: Path, monkeypatch: pytest.MonkeyPatch, kw: dict, expected: str
+) -> None:
+    """The model's PiEG goes downhill by default (GPEs leave the normal anchors, the paper's text);
+    `pieg_direction="ascent"` (Eq. 3's printed sign, the GLASS baselines) is passed through."""
+    import pathoscope.model as model_module
+
+    seen: list[str] = []
+    real = model_module.pieg
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(str(kwargs["direction"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "pieg", spy)
+    L.seed_everything(0)
+    dm = _datamodule(brats_root)
+    model = _model(**kw)
+    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    model.training_losses(next(iter(dm.train_dataloader())))
+    assert seen == [expected]

@@ -81,6 +81,32 @@ def test_each_step_raises_the_terms_by_at_least_half_the_first_order_gain(
         torch.testing.assert_close(v_next - v_t, eta * g / norms(g)[..., None])
 
 
+def test_descent_moves_down_the_same_gradient_and_lowers_the_terms(
+    v_n: Tensor, linear_d: nn.Linear
+) -> None:
+    # direction="descent" (the model's default, see PathoScope.pieg_direction) is the mirror of
+    # the ascent: each position moves eta against its own normalised gradient, and the terms fall
+    # (D(v_s) rises towards the label 1) by about the first-order amount.
+    terms = bce_terms(linear_d)
+    eta, steps = 0.05, 5
+    trajectory = [
+        pieg(v_n, terms, eta, steps=t, generator=gen(3), direction="descent")
+        for t in range(steps + 1)
+    ]
+    for t in range(steps):
+        g = grad_of(terms, trajectory[t])
+        torch.testing.assert_close(
+            trajectory[t + 1] - trajectory[t], -eta * g / norms(g)[..., None]
+        )
+        first_order = eta * norms(g).sum().item()
+        drop = (terms(trajectory[t]) - terms(trajectory[t + 1])).item()
+        assert 0.5 * first_order <= drop <= first_order, t  # convex: never more than first order
+    logits = [linear_d(v).mean().item() for v in (trajectory[0], trajectory[-1])]
+    assert logits[1] > logits[0]
+    with pytest.raises(ValueError, match="direction"):
+        pieg(v_n, terms, eta, steps=1, direction="up")
+
+
 @pytest.mark.parametrize("keep_noise", [True, False])
 def test_gradient_is_taken_at_the_current_v_s_start_noise_included(
     v_n: Tensor, keep_noise: bool

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data_modules.anomaly_synthesis import LesionSynthesizer
-from data_modules.synthetic import smooth_noise
+from data_modules.synthetic import toy_texture_images
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pathoscope.metrics import pixel_auroc
 from pathoscope.model import PathoScope
@@ -40,35 +40,6 @@ from pathoscope.model import PathoScope
 SIZE = 64
 _MEAN = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
 _STD = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
-
-
-def toy_images(
-    rng: np.random.Generator, n: int, kind: str, anomalous: bool = False, amplitude: float = 0.15
-) -> tuple[np.ndarray, np.ndarray]:
-    """(n, S, S) grey images in [0, 1] and (n, S, S) bool anomaly masks (empty unless anomalous)."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    images, masks = [], []
-    for _ in range(n):
-        phase, period = rng.uniform(0, 2 * np.pi), rng.uniform(7, 9)
-        if kind == "mottle":
-            image = 0.5 + 0.15 * smooth_noise(rng, (SIZE, SIZE), 4)
-        else:
-            image = 0.5 + 0.2 * np.sin(2 * np.pi * yy / period + phase)
-        mask = np.zeros((SIZE, SIZE), bool)
-        if anomalous:
-            side = int(rng.integers(16, 25))
-            i, j = rng.integers(4, SIZE - side - 4, size=2)
-            mask[i : i + side, j : j + side] = True
-            if kind == "mottle":  # extra texture of zero mean inside the patch
-                texture = smooth_noise(rng, (SIZE, SIZE), 16)
-                texture = (texture - texture[mask].mean()) / texture[mask].std()
-                image = np.where(mask, image + amplitude * texture, image)
-            else:  # the same stripes turned by 90 degrees
-                image = np.where(mask, 0.5 + 0.2 * np.sin(2 * np.pi * xx / period + phase), image)
-        image = image + 0.02 * rng.standard_normal((SIZE, SIZE))
-        images.append(np.clip(image, 0, 1).astype(np.float32))
-        masks.append(mask)
-    return np.stack(images), np.stack(masks)
 
 
 def normalise(grey: np.ndarray) -> torch.Tensor:
@@ -79,9 +50,10 @@ def normalise(grey: np.ndarray) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--kind", choices=("mottle", "stripes"), default="mottle")
+    parser.add_argument("--kind", choices=("stripes", "mottle"), default="stripes")
     parser.add_argument("--amplitude", type=float, default=0.15, help="mottle anomaly contrast")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="model and training-data seed")
     parser.add_argument("--terms", default="", help="loss terms to sum, e.g. focal,lc (all)")
     parser.add_argument(
         "--model", action="append", default=[], help="PathoScope argument NAME=VALUE"
@@ -96,18 +68,20 @@ def main(argv: list[str] | None = None) -> None:
             kwargs[name] = value
     terms = [t for t in args.terms.split(",") if t]
 
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = PathoScope(**kwargs)
-    bank_images, _ = toy_images(rng, 10, args.kind)  # 8 in the bank, 2 set its distance scale
+    bank_images, _ = toy_texture_images(
+        rng, 10, args.kind, size=SIZE
+    )  # 8 in the bank, 2 set its distance scale
     model.build_bank(normalise(bank_images), n_bank_images=8)
     synthesizer = LesionSynthesizer()
     foreground = np.ones((SIZE, SIZE), bool)
 
     def batch() -> dict[str, torch.Tensor]:
-        x, _ = toy_images(rng, args.batch, args.kind)
+        x, _ = toy_texture_images(rng, args.batch, args.kind, size=SIZE)
         pairs = [synthesizer(np.repeat(im[..., None], 3, 2), foreground, rng) for im in x]
         lesion = np.stack([p[0] for p in pairs]).transpose(0, 3, 1, 2)
         return {
@@ -117,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             "foreground": torch.ones(args.batch, 1, SIZE, SIZE, dtype=torch.bool),
         }
 
-    test_x, test_masks = toy_images(
-        np.random.default_rng(99), 8, args.kind, anomalous=True, amplitude=args.amplitude
+    test_x, test_masks = toy_texture_images(
+        np.random.default_rng(99), 8, args.kind, anomalous=True, size=SIZE, amplitude=args.amplitude
     )
 
     def evaluate() -> tuple[float, float]:

@@ -1,0 +1,82 @@
+"""Issue 2's learning check: on a toy whose anomalies differ by structure, not mean intensity, the
+trained discriminator's map finds them (pixel AUROC > 0.9) and beats the untrained one by >= 0.2.
+
+The toy (`data_modules.synthetic.toy_texture_images`, kind "stripes"): horizontal grey stripes;
+anomalies are patches of the same stripes turned by 90 degrees, so brightness gives nothing away.
+Training sees only normal images and the project's own synthetic lesions (no toy anomaly), with the
+random backbone (no weights offline), 60 steps at 64 px, without a Trainer. Seeds 1-3 give 0.91-0.96
+(scripts/toy_learning.py prints them); with `pieg_direction="ascent"` D stays below chance here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from data_modules.anomaly_synthesis import LesionSynthesizer
+from data_modules.synthetic import toy_texture_images
+from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pathoscope.metrics import pixel_auroc
+from pathoscope.model import PathoScope
+
+SIZE, BATCH, STEPS = 64, 4, 60
+_MEAN = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+_STD = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+
+
+def _normalise(images: np.ndarray) -> torch.Tensor:
+    """(n, H, W) grey or (n, 3, H, W) in [0, 1] -> ImageNet-normalised (n, 3, H, W)."""
+    rgb = np.repeat(images[:, None], 3, 1) if images.ndim == 3 else images
+    return torch.from_numpy((rgb - _MEAN) / _STD)
+
+
+def _training_batch(rng: np.random.Generator, synthesizer: LesionSynthesizer) -> dict:
+    x, _ = toy_texture_images(rng, BATCH, "stripes", size=SIZE)
+    whole = np.ones((SIZE, SIZE), bool)
+    pairs = [synthesizer(np.repeat(im[..., None], 3, 2), whole, rng) for im in x]
+    return {
+        "image": _normalise(x),
+        "lesion_image": _normalise(np.stack([p[0] for p in pairs]).transpose(0, 3, 1, 2)),
+        "lesion_mask": torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).float(),
+        "foreground": torch.ones(BATCH, 1, SIZE, SIZE, dtype=torch.bool),
+    }
+
+
+@pytest.mark.slow
+def test_trained_discriminator_finds_structural_anomalies() -> None:
+    test_x, test_masks = toy_texture_images(
+        np.random.default_rng(99), 8, "stripes", anomalous=True, size=SIZE
+    )
+    # The premise: anomalies have the mean intensity of the normal stripes around them.
+    assert abs(test_x[test_masks].mean() - test_x[~test_masks].mean()) < 0.02
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = PathoScope(pretrained=False, hidden_dim=256, pieg_steps=5)
+    bank_images, _ = toy_texture_images(rng, 10, "stripes", size=SIZE)
+    model.build_bank(_normalise(bank_images), n_bank_images=8)  # 2 held out: distance_scale
+
+    def map_auroc() -> float:
+        model.eval()
+        with torch.no_grad():
+            maps = model(_normalise(test_x)).anomaly_map[:, 0]
+        return float(pixel_auroc(maps, torch.from_numpy(test_masks)))
+
+    untrained = map_auroc()
+    model.train()
+    model.backbone.eval()
+    optimizer = model.configure_optimizers()
+    synthesizer = LesionSynthesizer()
+    for _ in range(STEPS):
+        loss = model.training_losses(_training_batch(rng, synthesizer))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = map_auroc()
+    assert trained > 0.9, (untrained, trained)
+    assert trained >= untrained + 0.2, (untrained, trained)

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserW
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="Known gap (issue 5 acceptance, open): with the random backbone the demo's discriminator "
-    "map is inverted (demo pixel AUROC 0.9% vs anchor_knn 95.3%, image 46.5% vs 74.4% at the "
-    "demo sizes); see the closing note of this stop.",
-    strict=False,
-)
 def test_demo_beats_anchor_knn(brats_root: Path, tmp_path: Path) -> None:
     demo = [EXPERIMENTS / "brats.yaml", EXPERIMENTS / "demo.yaml"]
     small = [

@@ -280,13 +280,13 @@ def run_one(
 
 # ------------------------------------------------------------------------------- summaries
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample std (ddof 1; 0 for one value) of the defined values."""
+    """Mean and sample std (ddof 1; None for one value, where it is undefined) of the defined values."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None, None
     mean = sum(vals) / len(vals)
     if len(vals) == 1:
-        return mean, 0.0
+        return mean, None
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
     return mean, math.sqrt(var)
 
@@ -316,7 +316,9 @@ def summarize(
 def _pct(stat: dict[str, Any] | None) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
-    std = stat.get("std") or 0.0
+    std = stat.get("std")
+    if std is None:  # one seed: no spread to report
+        return f"{100 * stat['mean']:.2f}"
     return f"{100 * stat['mean']:.2f} ± {100 * std:.2f}"
 
 
@@ -346,8 +348,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * len(EXTRA_METRICS),
         "| " + " | ".join(_pct(m.get(k)) for k in EXTRA_METRICS) + " |",
         "",
-        f"Mean ± std (sample std, ddof 1) over {n} seed{'s' if n != 1 else ''} "
-        f"(0..{n - 1}); the same test set for every seed, only the K training shots change.",
+        (
+            f"Mean ± std (sample std, ddof 1) over {n} seeds (0..{n - 1}); the same test set for "
+            "every seed, only the K training shots change."
+            if n != 1
+            else "One seed (0): no spread to report; use REPEATS=N for mean ± std over N seeds."
+        ),
         f"Checkpoint reported: {summary['checkpoint']} (the final model; nothing is selected on "
         "test labels).",
         f"Backbone weights: {_weights_note(summary['weights'])}.",

@@ -29,6 +29,7 @@ import csv
 import gzip
 import math
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -566,6 +567,37 @@ def toy_texture_images(
         images.append(np.clip(image, 0.0, 1.0).astype(np.float32))
         masks.append(mask)
     return np.stack(images), np.stack(masks)
+
+
+def toy_tensors(images: np.ndarray) -> Any:
+    """(n, S, S) grey toy images in [0, 1] -> (n, 3, S, S) ImageNet-normalised tensor."""
+    import torch  # lazy: writing datasets needs no torch
+
+    from data_modules.transforms import normalize
+
+    return torch.stack([normalize(np.repeat(im[..., None], 3, 2)) for im in images])
+
+
+def toy_training_batch(
+    rng: np.random.Generator, n: int, kind: str = "stripes", size: int = 64, synthesizer: Any = None
+) -> dict[str, Any]:
+    """A training batch of toy normals (`toy_texture_images`) and the same images with the project's
+    synthetic lesions, with the training item's keys (stacked): image, lesion_image, lesion_mask
+    (n, 1, S, S) float, foreground (n, 1, S, S) bool (the whole image)."""
+    import torch
+
+    from data_modules.anomaly_synthesis import LesionSynthesizer
+
+    synthesizer = synthesizer or LesionSynthesizer()
+    x, _ = toy_texture_images(rng, n, kind, size=size)
+    whole = np.ones((size, size), bool)
+    pairs = [synthesizer(np.repeat(im[..., None], 3, 2), whole, rng) for im in x]
+    return {
+        "image": toy_tensors(x),
+        "lesion_image": toy_tensors(np.stack([p[0][..., 0] for p in pairs])),
+        "lesion_mask": torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).float(),
+        "foreground": torch.ones(n, 1, size, size, dtype=torch.bool),
+    }
 
 
 def make_demo_data(dataset: str, out: str | Path, **kwargs: object) -> Path:

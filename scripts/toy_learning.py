@@ -31,19 +31,11 @@ import numpy as np
 import torch
 
 from data_modules.anomaly_synthesis import LesionSynthesizer
-from data_modules.synthetic import toy_texture_images
-from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data_modules.synthetic import toy_tensors, toy_texture_images, toy_training_batch
 from pathoscope.metrics import pixel_auroc
 from pathoscope.model import PathoScope
 
 SIZE = 64
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-_STD = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
-
-
-def normalise(grey: np.ndarray) -> torch.Tensor:
-    """(n, S, S) grey in [0, 1] -> (n, 3, S, S) ImageNet-normalised."""
-    return torch.from_numpy((np.repeat(grey[:, None], 3, 1) - _MEAN) / _STD)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,20 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     bank_images, _ = toy_texture_images(
         rng, 10, args.kind, size=SIZE
     )  # 8 in the bank, 2 set its distance scale
-    model.build_bank(normalise(bank_images), n_bank_images=8)
+    model.build_bank(toy_tensors(bank_images), n_bank_images=8)
     synthesizer = LesionSynthesizer()
-    foreground = np.ones((SIZE, SIZE), bool)
 
     def batch() -> dict[str, torch.Tensor]:
-        x, _ = toy_texture_images(rng, args.batch, args.kind, size=SIZE)
-        pairs = [synthesizer(np.repeat(im[..., None], 3, 2), foreground, rng) for im in x]
-        lesion = np.stack([p[0] for p in pairs]).transpose(0, 3, 1, 2)
-        return {
-            "image": normalise(x),
-            "lesion_image": torch.from_numpy((lesion - _MEAN) / _STD),
-            "lesion_mask": torch.from_numpy(np.stack([p[1] for p in pairs])[:, None] * 1.0).float(),
-            "foreground": torch.ones(args.batch, 1, SIZE, SIZE, dtype=torch.bool),
-        }
+        return toy_training_batch(rng, args.batch, args.kind, SIZE, synthesizer)
 
     test_x, test_masks = toy_texture_images(
         np.random.default_rng(99), 8, args.kind, anomalous=True, size=SIZE, amplitude=args.amplitude
@@ -97,10 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate() -> tuple[float, float]:
         model.eval()
         with torch.no_grad():
-            maps = model(normalise(test_x)).anomaly_map[:, 0]
+            maps = model(toy_tensors(test_x)).anomaly_map[:, 0]
             source = model.hparams.score_source
             model.hparams.score_source = "anchor_distance"
-            knn = model(normalise(test_x)).anomaly_map[:, 0]
+            knn = model(toy_tensors(test_x)).anomaly_map[:, 0]
             model.hparams.score_source = source
         model.train()
         model.backbone.eval()

@@ -17,32 +17,11 @@ import pytest
 import torch
 
 from data_modules.anomaly_synthesis import LesionSynthesizer
-from data_modules.synthetic import toy_texture_images
-from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data_modules.synthetic import toy_tensors, toy_texture_images, toy_training_batch
 from pathoscope.metrics import pixel_auroc
 from pathoscope.model import PathoScope
 
 SIZE, BATCH, STEPS = 64, 4, 60
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-_STD = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
-
-
-def _normalise(images: np.ndarray) -> torch.Tensor:
-    """(n, H, W) grey or (n, 3, H, W) in [0, 1] -> ImageNet-normalised (n, 3, H, W)."""
-    rgb = np.repeat(images[:, None], 3, 1) if images.ndim == 3 else images
-    return torch.from_numpy((rgb - _MEAN) / _STD)
-
-
-def _training_batch(rng: np.random.Generator, synthesizer: LesionSynthesizer) -> dict:
-    x, _ = toy_texture_images(rng, BATCH, "stripes", size=SIZE)
-    whole = np.ones((SIZE, SIZE), bool)
-    pairs = [synthesizer(np.repeat(im[..., None], 3, 2), whole, rng) for im in x]
-    return {
-        "image": _normalise(x),
-        "lesion_image": _normalise(np.stack([p[0] for p in pairs]).transpose(0, 3, 1, 2)),
-        "lesion_mask": torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).float(),
-        "foreground": torch.ones(BATCH, 1, SIZE, SIZE, dtype=torch.bool),
-    }
 
 
 @pytest.mark.slow
@@ -59,12 +38,12 @@ def test_trained_discriminator_finds_structural_anomalies() -> None:
         warnings.simplefilter("ignore", UserWarning)
         model = PathoScope(pretrained=False, hidden_dim=256, pieg_steps=5)
     bank_images, _ = toy_texture_images(rng, 10, "stripes", size=SIZE)
-    model.build_bank(_normalise(bank_images), n_bank_images=8)  # 2 held out: distance_scale
+    model.build_bank(toy_tensors(bank_images), n_bank_images=8)  # 2 held out: distance_scale
 
     def map_auroc() -> float:
         model.eval()
         with torch.no_grad():
-            maps = model(_normalise(test_x)).anomaly_map[:, 0]
+            maps = model(toy_tensors(test_x)).anomaly_map[:, 0]
         return float(pixel_auroc(maps, torch.from_numpy(test_masks)))
 
     untrained = map_auroc()
@@ -73,7 +52,8 @@ def test_trained_discriminator_finds_structural_anomalies() -> None:
     optimizer = model.configure_optimizers()
     synthesizer = LesionSynthesizer()
     for _ in range(STEPS):
-        loss = model.training_losses(_training_batch(rng, synthesizer))["loss"]
+        batch = toy_training_batch(rng, BATCH, "stripes", SIZE, synthesizer)
+        loss = model.training_losses(batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

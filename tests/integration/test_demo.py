@@ -1,9 +1,10 @@
 """The demo's claim: trained as `make train` trains it (experiments/demo.yaml: its steps, batch
 size, PiEG, random backbone), PathoSCOPE separates pathological from normal slices better than the
 untrained nearest-anchor baseline (anchor_knn) on the same data, and its anomaly map points at the
-lesions (pixel AUROC above chance: an image score that beats the baseline while the map is
-inverted would be a shortcut, not the method working). Small sizes: the session's synthetic BraTS
-at 64 px (the demo: 128 px) and 40 test slices.
+lesions better than the baseline's map does (an image score that beats the baseline while the map
+is inverted would be a shortcut, not the method working). Small data, the demo's size: the
+session's synthetic BraTS (64 x 64 volumes) at 128 px and 40 test slices; at 64 px the tumours are a
+few feature cells and every image score, the baseline's included, falls below chance.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ def test_demo_beats_anchor_knn(brats_root: Path, tmp_path: Path) -> None:
     demo = [EXPERIMENTS / "brats.yaml", EXPERIMENTS / "demo.yaml"]
     small = [
         f"--data.root={brats_root}",
-        "--data.image_size=64",
+        "--data.image_size=128",
         "--data.n_test_healthy=20",
         "--data.n_test_tumorous=20",
-        "--metrics.eval_size=64",
+        "--metrics.eval_size=128",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
@@ -37,4 +38,4 @@ def test_demo_beats_anchor_knn(brats_root: Path, tmp_path: Path) -> None:
     assert ours["weights"] == knn["weights"] == "random"
     numbers = {k: (ours[k], knn[k]) for k in ("image_auroc", "pixel_auroc", "pro", "dice_best")}
     assert ours["image_auroc"] > knn["image_auroc"], numbers
-    assert ours["pixel_auroc"] > 0.5, numbers
+    assert ours["pixel_auroc"] > max(0.5, knn["pixel_auroc"]), numbers

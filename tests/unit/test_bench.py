@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import warnings
 from pathlib import Path
 
@@ -85,13 +86,17 @@ def test_timers_count_the_outermost_call_and_search_inside_pieg() -> None:
 
 
 def test_rss_helpers_see_a_new_allocation() -> None:
+    # A fresh anonymous mapping, every page written: resident whatever the allocator has cached
+    # (a torch tensor here may reuse pages freed by earlier tests and leave RSS unchanged).
+    size = 64 * 2**20
     with bench.RssSampler(interval=0.001) as rss:
-        block = torch.ones(16 * 2**20)  # 64 MiB, written, so resident
+        block = mmap.mmap(-1, size)
+        block.write(b"\x01" * size)
     if rss.increase_mb is None:  # no /proc: not Linux
         pytest.skip("RSS sampling needs /proc/self/statm")
     assert rss.increase_mb >= 48.0
     assert bench.peak_rss_mb() >= rss.peak_mb - 1.0
-    del block
+    block.close()
 
 
 # ---------------------------------------------------------------- the shipped inference path

@@ -474,6 +474,23 @@ def _check_overrides(overrides: Sequence[str]) -> None:
             )
 
 
+def _checked_args(
+    configs: Sequence[str], overrides: Sequence[str], data_root: str | None
+) -> list[str]:
+    """The overrides plus --data.root, after checking them, the config files and the data root."""
+    _check_overrides(overrides)
+    for c in configs:
+        if not Path(c).is_file():
+            raise FileNotFoundError(f"{c}: config file not found")
+    args = list(overrides)
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: data root not found (a folder is expected)")
+        args.append(f"--data.root={root}")
+    return args
+
+
 # ------------------------------------------------------------------------------- table
 def load_summaries(runs_dir: Path) -> list[dict[str, Any]]:
     """Every summary.json under `runs_dir` (partial and old folders are hidden: never read)."""
@@ -620,16 +637,7 @@ def grid(
         raise ValueError(f"--shots must be >= 1, got {list(shots)}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    _check_overrides(overrides)
-    for c in configs:
-        if not Path(c).is_file():
-            raise FileNotFoundError(f"{c}: config file not found")
-    args = list(overrides)
-    if data_root is not None:
-        root = Path(data_root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: data root not found (a folder is expected)")
-        args.append(f"--data.root={root}")
+    args = _checked_args(configs, overrides, data_root)
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")
     out = Path(out)
@@ -755,16 +763,7 @@ def sweep_run(
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One fit + test of a sweep configuration (the sweep's ${args} are `overrides`)."""
-    _check_overrides(overrides)
-    for c in configs:
-        if not Path(c).is_file():
-            raise FileNotFoundError(f"{c}: config file not found")
-    args = list(overrides)
-    if data_root is not None:
-        root = Path(data_root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: data root not found (a folder is expected)")
-        args.append(f"--data.root={root}")
+    args = _checked_args(configs, overrides, data_root)
     group = "+".join(Path(c).stem for c in configs)
     params = [
         a.removeprefix("--") for a in overrides if "=" in a and not a.startswith("--data.root")

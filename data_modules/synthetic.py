@@ -600,18 +600,28 @@ def toy_training_batch(
     }
 
 
-def make_demo_data(dataset: str, out: str | Path, **kwargs: object) -> Path:
+def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwargs: object) -> Path:
     """Write a demo dataset for `pathoscope make-demo-data --dataset brats|chestxray8 --out DIR`.
 
     Defaults are small enough to write in seconds and large enough for the default few-shot
     protocol at reduced test counts: BraTS 20 subjects of 128 x 128 x 100, ChestX-ray8 60 normal
     + 60 abnormal images of 256 x 256. Keyword arguments override the writer's defaults.
+    `kind` (BraTS only): "phantom" (`write_brats`, the default) or "anatomy" (brains from the
+    MNI152 template, `anatomy.write_brats_anatomy`; needs nilearn).
     Returns the path to give the data module as `root`.
     """
+    if kind not in ("phantom", "anatomy"):
+        raise DataError(f"make_demo_data: unknown kind {kind!r}; expected 'phantom' or 'anatomy'")
     if dataset == "brats":
         opts: dict = {"n_subjects": 20, "shape": (128, 128, 100)}
         opts.update(kwargs)
+        if kind == "anatomy":
+            from data_modules.anatomy import write_brats_anatomy  # imports this module
+
+            return write_brats_anatomy(out, **opts)
         return write_brats(out, **opts)
+    if kind != "phantom":
+        raise DataError(f"make_demo_data: kind={kind!r} applies to brats only, not {dataset!r}")
     if dataset == "chestxray8":
         opts = {"n_normal": 60, "n_abnormal": 60, "size": 256}
         opts.update(kwargs)

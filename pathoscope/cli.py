@@ -260,7 +260,9 @@ def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
     from data_modules.synthetic import make_demo_data
 
     _no_extra(extra, "make-demo-data")
-    root = make_demo_data(args.dataset, args.out)
+    if args.kind is not None and args.dataset != "brats":
+        raise ValueError(f"--kind applies to --dataset brats only, not {args.dataset}")
+    root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom")
     print(f"wrote a synthetic {args.dataset} set; data root: {root}")
     return 0
 
@@ -424,6 +426,12 @@ def _front_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, choices=("brats", "chestxray8"))
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--kind",
+        choices=("phantom", "anatomy"),
+        default=None,
+        help="brats only: phantom brains (default) or MNI152 anatomy (needs nilearn)",
+    )
     p.set_defaults(handler=_cmd_make_demo_data)
 
     p = sub.add_parser(

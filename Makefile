@@ -16,7 +16,7 @@ RUNS ?= runs/$(DATASET)
 SWEEP ?= experiments/sweeps/eta.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install train table grid sweep test bench lint
+.PHONY: help install train table grid sweep test bench peers lint
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,19 @@ test: $(STAMP) ## run the test suite (all but GPU tests without CUDA)
 
 bench: $(STAMP) ## speed and cost benchmarks, side by side in one run; writes bench.json
 	$(BIN)/pathoscope bench $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+PEERS_VENV := .venv-peers
+SEEDS ?= 0,1,2
+
+$(PEERS_VENV)/.installed: constraints-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install -c constraints-peers.txt torch torchvision anomalib
+	@touch $@
+
+peers: $(STAMP) $(PEERS_VENV)/.installed ## PathoSCOPE, anchor_knn, GLASS and anomalib PatchCore/PaDiM on one BraTS split (DATA_ROOT=... SHOTS=2 SEEDS=0,1,2)
+	$(BIN)/python benchmarks/peers.py --data-root $(DATA_ROOT) --shots $(SHOTS) --seeds $(SEEDS) \
+		--peers-python $(PEERS_VENV)/bin/python $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .

@@ -97,12 +97,26 @@ def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
     return core[0], core[1], core[2]
 
 
-def normalize_volume(volume: np.ndarray) -> np.ndarray:
-    """Clip to [0, p99.5 of the voxels > 0] and scale to [0, 1] (float32, same shape)."""
+INTENSITY_NORMS = ("percentile", "median")
+
+
+def normalize_volume(volume: np.ndarray, method: str = "percentile") -> np.ndarray:
+    """Scale the voxels > 0 to [0, 1] (float32, same shape).
+
+    "percentile": divide by p99.5 of the brain voxels, clip at 1. "median" (ours): divide by twice
+    the median of the brain voxels, clip at 1, so normal tissue lands at the same level whatever
+    the lesion: a large hyperintense tumour moves p99.5 (by up to 40 % on FLAIR) and with it every
+    normal voxel of its volume, but hardly moves the median.
+    """
     brain = volume[volume > 0]
     if brain.size == 0:
         raise DataError("all voxels are zero")
-    top = float(np.percentile(brain, CLIP_PERCENTILE))
+    if method == "percentile":
+        top = float(np.percentile(brain, CLIP_PERCENTILE))
+    elif method == "median":
+        top = 2.0 * float(np.median(brain))
+    else:
+        raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {method!r}")
     return (np.clip(volume, 0.0, top) / top).astype(np.float32)
 
 
@@ -207,6 +221,7 @@ class BraTSDataModule(FewShotDataModule):
         cache_dir: str | None = None,
         textures: str | None = None,
         lesion_min_fraction: float = 0.5,
+        intensity_norm: str = "percentile",
     ) -> None:
         super().__init__(
             shots,
@@ -235,6 +250,11 @@ class BraTSDataModule(FewShotDataModule):
             raise ValueError("n_test_healthy and n_test_tumorous must be >= 0")
         self.n_test_healthy = int(n_test_healthy)
         self.n_test_tumorous = int(n_test_tumorous)
+        if intensity_norm not in INTENSITY_NORMS:
+            raise ValueError(
+                f"intensity_norm must be one of {INTENSITY_NORMS}, got {intensity_norm!r}"
+            )
+        self.intensity_norm = intensity_norm
         self.strict = bool(strict)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._subjects: dict[str, _Subject] = {}
@@ -250,9 +270,9 @@ class BraTSDataModule(FewShotDataModule):
             else "three modalities as the 3 channels, in this order",
             "slice_range": list(self.slice_range),
             "image_size": self.image_size,
+            "intensity_norm": self.intensity_norm,
             "normalization": (
-                f"per volume and modality: clip to [0, p{CLIP_PERCENTILE}] of the voxels > 0, "
-                f"divide by p{CLIP_PERCENTILE} -> [0, 1]; resize (bilinear/area, masks nearest); "
+                f"per volume and modality: {self._norm_text()} -> [0, 1]; resize (bilinear/area, masks nearest); "
                 f"then ImageNet mean {list(IMAGENET_MEAN)} / std {list(IMAGENET_STD)}"
             ),
             "foreground": "voxels > 0 in any chosen modality",
@@ -260,6 +280,11 @@ class BraTSDataModule(FewShotDataModule):
             "(BraTS/ITK LPS affine)",
             **self._training_geometry(),
         }
+
+    def _norm_text(self) -> str:
+        if self.intensity_norm == "median":
+            return "divide by twice the median of the voxels > 0, clip at 1"
+        return f"clip to [0, p{CLIP_PERCENTILE}] of the voxels > 0, divide by p{CLIP_PERCENTILE}"
 
     def _training_geometry(self) -> dict[str, object]:
         """What `pathoscope predict` compares new volumes with, from the K training subjects once
@@ -480,6 +505,11 @@ class BraTSDataModule(FewShotDataModule):
             slice_range=[lo, hi],
             modalities=self.modalities,
             image_size=self.image_size,
+            **(
+                {"intensity_norm": self.intensity_norm}
+                if self.intensity_norm != "percentile"
+                else {}
+            ),
         )
         cached = self._cache_read(key)
         if cached is not None:
@@ -488,7 +518,7 @@ class BraTSDataModule(FewShotDataModule):
         for path in subject.images:
             volume = load_volume(path)
             try:
-                volumes.append(normalize_volume(volume))
+                volumes.append(normalize_volume(volume, self.intensity_norm))
             except DataError as err:
                 raise DataError(f"{_rel(path)}: {err}") from None
         seg = load_volume(subject.seg)

@@ -309,7 +309,8 @@ def predict_volume(
     normed = []
     for f, v in zip(files, volumes, strict=True):
         try:
-            normed.append(normalize_volume(v))  # per volume and modality, as in training
+            # per volume and modality, as in training (checkpoints before the option: percentile)
+            normed.append(normalize_volume(v, str(pre.get("intensity_norm", "percentile"))))
         except DataError as err:
             raise DataError(f"{f}: {err}") from None
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.brats import BraTSDataModule
+from data_modules.brats import BraTSDataModule, normalize_volume
 from data_modules.errors import DataError
 from data_modules.transforms import denormalize
 
@@ -134,6 +134,36 @@ def test_per_volume_normalisation_matches_a_reference(
         assert sample.image.shape == (64, 64, 1)
         np.testing.assert_allclose(sample.image[:, :, 0], expected, atol=1e-5)
         np.testing.assert_array_equal(sample.foreground, vol[:, :, sample.slice] > 0)
+
+
+def test_median_normalisation_matches_a_reference(brats_root: Path) -> None:
+    dm = _dm(brats_root, intensity_norm="median")
+    assert dm.preprocessing()["intensity_norm"] == "median"
+    for sample in dm.split.train + dm.split.test[:3]:
+        vol = _load(_file(brats_root, sample.subject, "flair")).astype(np.float64)
+        top = 2.0 * np.median(vol[vol > 0])
+        expected = np.clip(vol[:, :, sample.slice], 0, top) / top
+        np.testing.assert_allclose(sample.image[:, :, 0], expected, atol=1e-5)
+
+
+def test_median_normalisation_ignores_a_bright_lesion() -> None:
+    """A lesion of 3 % of the brain at 3x the tissue level moves p99.5 (and with it every normal
+    voxel) but leaves the median scaling of the normal tissue unchanged."""
+    rng = np.random.default_rng(0)
+    tissue = rng.uniform(100.0, 200.0, size=(20, 20, 25)).astype(np.float32)
+    lesioned = tissue.copy()
+    lesioned[:5, :5, :12] = 450.0  # 300 of 10,000 voxels
+    normal = np.ones(tissue.shape, bool)
+    normal[:5, :5, :12] = False
+    for method, moves in (("percentile", True), ("median", False)):
+        a = normalize_volume(tissue, method)[normal]
+        b = normalize_volume(lesioned, method)[normal]
+        ratio = float(np.median(b) / np.median(a))
+        assert (ratio < 0.8) if moves else (abs(ratio - 1.0) < 0.02), (method, ratio)
+    with pytest.raises(ValueError, match="intensity_norm"):
+        normalize_volume(tissue, "zscore")
+    with pytest.raises(ValueError, match="intensity_norm"):
+        _dm(Path("."), intensity_norm="zscore")
 
 
 def test_resize_and_three_modalities(brats_root: Path) -> None:

@@ -154,6 +154,8 @@ class LesionSynthesizer:
         threshold: float = 0.5,
         contrast_range: tuple[float, float] = (0.5, 2.0),
         brightness_std: float = 0.5,
+        intensity_lesions: float = 0.0,
+        intensity_range: tuple[float, float] = (1.0, 4.0),
     ) -> None:
         if not 0.0 < min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
@@ -172,6 +174,16 @@ class LesionSynthesizer:
         # "different from normal anatomy".
         self.contrast_range = contrast_range
         self.brightness_std = brightness_std
+        # (ours) The fraction of lesions that are intensity lesions instead of textures: a smooth
+        # region brighter or darker than the tissue by intensity_range foreground stds (log-uniform,
+        # either sign), with soft edges. Brain lesions change tissue intensity (T2/FLAIR hyper-,
+        # T1 hypointensity) far more often than they add texture.
+        if not 0.0 <= intensity_lesions <= 1.0:
+            raise ValueError(f"intensity_lesions must be in [0, 1], got {intensity_lesions}")
+        if not 0.0 < intensity_range[0] <= intensity_range[1]:
+            raise ValueError(f"intensity_range must be 0 < lo <= hi, got {intensity_range}")
+        self.intensity_lesions = intensity_lesions
+        self.intensity_range = intensity_range
         self.texture_files = _list_textures(Path(textures)) if textures is not None else None
 
     def __call__(
@@ -189,6 +201,8 @@ class LesionSynthesizer:
                 f"{foreground.shape}"
             )
         lesion_mask = self.lesion_mask(foreground, rng)
+        if self.intensity_lesions > 0.0 and rng.random() < self.intensity_lesions:
+            return self.intensity_lesion(image, foreground, lesion_mask, rng), lesion_mask
         texture = self.texture(image.shape[:2], rng)
         beta = self.sample_beta(rng)
         # only the lesion's bounding box changes; the texture is matched and blended there
@@ -202,6 +216,33 @@ class LesionSynthesizer:
         x_p = image.copy()
         x_p[box] = np.clip(blend(image[box], matched, lesion_mask[box], beta), 0.0, 1.0)
         return x_p, lesion_mask
+
+    def intensity_lesion(
+        self,
+        image: np.ndarray,
+        foreground: np.ndarray,
+        lesion_mask: np.ndarray,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """x_p: inside lesion_mask the image moves towards a smooth level `a` foreground stds
+        from the foreground mean (|a| log-uniform in intensity_range, either sign), by a weight
+        beta in [0.5, 1] that fades over a few pixels at the edge (partial volume); beta < 1
+        keeps some of the anatomy, as oedema does."""
+        lo, hi = np.log(self.intensity_range[0]), np.log(self.intensity_range[1])
+        shift = float(np.exp(rng.uniform(lo, hi))) * (1.0 if rng.random() < 0.5 else -1.0)
+        step = 2 if np.count_nonzero(foreground[::2, ::2]) >= 256 else 1
+        values = image[::step, ::step][foreground[::step, ::step]]  # (N, C)
+        if len(values) == 0:
+            values = image.reshape(-1, image.shape[2])
+        mean = values.mean(axis=0, dtype=np.float64).astype(np.float32)  # (C,)
+        std = values.std(axis=0, dtype=np.float64).astype(np.float32)
+        h, w = lesion_mask.shape
+        level = 1.0 + 0.1 * _value_noise((h, w), int(rng.integers(2, 6)), rng)  # smooth, +-10 %
+        target = mean + std * shift * level[..., None]  # (H, W, C)
+        sigma = float(rng.uniform(0.5, 2.0)) * max(h, w) / 128.0
+        soft = cv2.GaussianBlur(lesion_mask.astype(np.float32), (0, 0), sigma) * foreground
+        weight = (float(rng.uniform(0.5, 1.0)) * soft)[..., None]
+        return np.clip(image + weight * (target - image), 0.0, 1.0).astype(np.float32)
 
     def sample_beta(self, rng: np.random.Generator) -> float:
         """Blend weight beta ~ N(beta_mean, beta_std), clipped to beta_range."""

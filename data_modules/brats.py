@@ -221,6 +221,7 @@ class BraTSDataModule(FewShotDataModule):
         cache_dir: str | None = None,
         textures: str | None = None,
         lesion_min_fraction: float = 0.5,
+        intensity_lesions: float = 0.0,
         intensity_norm: str = "percentile",
     ) -> None:
         super().__init__(
@@ -233,6 +234,7 @@ class BraTSDataModule(FewShotDataModule):
             num_workers,
             textures,
             lesion_min_fraction,
+            intensity_lesions,
         )
         self.save_hyperparameters()
         self.root = Path(root).expanduser()

@@ -139,6 +139,7 @@ class ChestXray8DataModule(FewShotDataModule):
         bbox_frame: int = BBOX_FRAME,
         textures: str | None = None,
         lesion_min_fraction: float = 0.5,
+        intensity_lesions: float = 0.0,
     ) -> None:
         super().__init__(
             shots,
@@ -150,6 +151,7 @@ class ChestXray8DataModule(FewShotDataModule):
             num_workers,
             textures,
             lesion_min_fraction,
+            intensity_lesions,
         )
         self.save_hyperparameters()
         if n_test < 1:

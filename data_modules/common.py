@@ -240,6 +240,7 @@ class FewShotDataModule(L.LightningDataModule):
         num_workers: int,
         textures: str | None,
         lesion_min_fraction: float,
+        intensity_lesions: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -260,7 +261,11 @@ class FewShotDataModule(L.LightningDataModule):
         self.steps_per_epoch = int(steps_per_epoch)
         self.num_workers = int(num_workers)
         self.augmentation = TrainAugmentation(self.image_size)
-        self.synthesizer = LesionSynthesizer(textures=textures, min_fraction=lesion_min_fraction)
+        self.synthesizer = LesionSynthesizer(
+            textures=textures,
+            min_fraction=lesion_min_fraction,
+            intensity_lesions=intensity_lesions,
+        )
         self._split: Split | None = None
         self._val_samples: list[Sample] = []
 

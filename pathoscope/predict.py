@@ -2,7 +2,7 @@
 
 Everything that decides how pixels are prepared comes from the checkpoint (`model.preprocessing`,
 saved from the training datamodule, and `model.tau`), and the preparation itself is the training
-code: `data_modules.brats.load_volume / normalize_volume / preprocess_slices` for volumes,
+code: `data_modules.brats_volumes.load_volume / normalize_volume / preprocess_slices` for volumes,
 `data_modules.chestxray8.load_grey_png` + `transforms.resize` for images. A BraTS checkpoint takes
 volumes, a ChestX-ray8 checkpoint takes images.
 
@@ -58,7 +58,12 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from data_modules.brats import find_subject_file, load_volume, normalize_volume, preprocess_slices
+from data_modules.brats_volumes import (
+    find_subject_file,
+    load_volume,
+    normalize_volume,
+    preprocess_slices,
+)
 from data_modules.chestxray8 import load_grey_png
 from data_modules.common import to_rgb
 from data_modules.errors import DataError

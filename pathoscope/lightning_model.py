@@ -91,6 +91,15 @@ class PathoScope(L.LightningModule):
         module.on_load_checkpoint(checkpoint)
         return module.to(map_location).eval()
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any
+    ) -> PathoScope:
+        """Lightning's loader, after the version check (a clear error naming the file)."""
+        if isinstance(checkpoint_path, str | Path):
+            read_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pathoscope"] = {
             "version": CHECKPOINT_VERSION,

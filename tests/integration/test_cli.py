@@ -170,6 +170,23 @@ def test_fit_missing_data_root_is_one_line(
     assert "/no/such/root" in _one_error_line(capsys, "fit")
 
 
+def test_checkpoint_of_an_old_version_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version-1 checkpoint (flat hyperparameters) stops `test` before anything is built."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "old.ckpt"
+    flat = {"eta": 0.01, "pieg_steps": 20, "score_source": "discriminator"}
+    torch.save({"pathoscope": {"version": 1}, "hyper_parameters": flat, "state_dict": {}}, old)
+    args = ["test", "--config", str(EXPERIMENTS / "brats.yaml"), f"--ckpt_path={old}"]
+    assert cli.main([*args, f"--data.root={tmp_path}"]) == cli.EXIT_USAGE
+    err = _one_error_line(capsys, "test")
+    assert str(old) in err and "version 1" in err and "version 2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.ckpt"]  # nothing written
+
+
 def test_table_of_a_missing_folder_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -140,7 +140,7 @@ def test_checkpoint_of_another_version_is_refused_naming_file_and_versions(
     data["pathoscope"]["version"] = version
     bad = tmp_path / "old.ckpt"
     torch.save(data, bad)
-    for load in (PathoScope.from_checkpoint, load_model):
+    for load in (PathoScope.from_checkpoint, PathoScope.load_from_checkpoint, load_model):
         with pytest.raises(CheckpointError) as info:
             load(bad)
         message = str(info.value)

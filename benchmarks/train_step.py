@@ -1,6 +1,6 @@
-"""The training-step speed figure: one training step at batch 8, 256 px, 20 PiEG steps, 4,096 anchors
-on this machine, with the share spent in the backbone, PiEG's discriminator passes and the anchor
-search.
+"""The training-step speed figure: one training step at batch 8, 256 px, 20 PiEG steps, 4,096
+anchors on this machine, with the share spent in the backbone, PiEG's discriminator passes and the
+anchor search.
 
     .venv/bin/python benchmarks/train_step.py        (= pathoscope bench --only train)
 

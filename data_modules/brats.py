@@ -93,7 +93,7 @@ class _Selection:
 
 
 class BraTSDataModule(FewShotDataModule):
-    """BraTS2020 few-shot split (module docstring); items as in data_contract.md."""
+    """BraTS2020 few-shot split (module docstring); items as in docs/batch_contract.md."""
 
     dataset_name = "brats"
 

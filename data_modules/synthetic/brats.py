@@ -1,6 +1,7 @@
-"""A synthetic BraTS2020 training set: `write_brats` writes `MICCAI_BraTS2020_TrainingData/
-BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz`. A skull-stripped phantom brain (BraTS ships skull-stripped
-volumes, so everything outside the brain is 0): per-subject ellipsoid shape, a thin sulcal CSF rim,
+"""A synthetic BraTS2020 training set: `write_brats` writes
+`MICCAI_BraTS2020_TrainingData/BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz`.
+A skull-stripped phantom brain (BraTS ships skull-stripped volumes, so everything outside the
+brain is 0): per-subject ellipsoid shape, a thin sulcal CSF rim,
 a folded grey-matter cortex, white matter, deep grey nuclei and lateral ventricles; four
 modalities with plausible relative contrast, a smooth bias field and Rician-like noise. Tumours
 carry BraTS labels 1 (necrotic / non-enhancing core), 2 (oedema) and 4 (enhancing ring); their

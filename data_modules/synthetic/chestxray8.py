@@ -1,9 +1,9 @@
-"""A synthetic ChestX-ray8 set: `write_chestxray8` writes `images/*.png`, `Data_Entry_2017.csv` and `BBox_List_2017.csv` with the
-real headers, `train_val_list.txt` / `test_list.txt` (patient-disjoint). Chest-like grey images
-(lungs, mediastinum, heart, ribs, clavicles, diaphragm) with findings (nodule, mass, effusion,
-cardiomegaly, infiltration, atelectasis, pneumothorax); about half of the abnormal images get
-boxes. Boxes are written in the 1024-pixel frame of the released PNGs, as the real list is.
-Three images exercise the other PNG modes (16-bit, RGB, RGBA).
+"""A synthetic ChestX-ray8 set: `write_chestxray8` writes `images/*.png`, `Data_Entry_2017.csv` and
+`BBox_List_2017.csv` with the real headers, `train_val_list.txt` / `test_list.txt` (patient-
+disjoint). Chest-like grey images (lungs, mediastinum, heart, ribs, clavicles, diaphragm) with
+findings (nodule, mass, effusion, cardiomegaly, infiltration, atelectasis, pneumothorax); about
+half of the abnormal images get boxes. Boxes are written in the 1024-pixel frame of the released
+PNGs, as the real list is. Three images exercise the other PNG modes (16-bit, RGB, RGBA).
 """
 
 from __future__ import annotations

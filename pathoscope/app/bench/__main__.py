@@ -1,4 +1,4 @@
-"""`python -m pathoscope.app.bench` = `pathoscope bench` (the RSS section's child processes use it)."""
+"""`python -m pathoscope.app.bench` = `pathoscope bench` (the RSS section's children use it)."""
 
 import sys
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from pathoscope.torch_model import PathoScopeModel
 
 CHECKPOINT_VERSION = 2
 STATE_PREFIX = "model."  # the LightningModule's attribute holding the torch model
-MODEL_GROUPS = ("network", "pieg", "losses", "bank", "scoring")
+MODEL_GROUPS = tuple(f.name for f in fields(ModelParams))  # the torch model's groups
 
 
 class CheckpointError(ValueError):

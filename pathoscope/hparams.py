@@ -173,21 +173,12 @@ class ModelParams:
     scoring: ScoringParams = ScoringParams()
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # mappings (from checkpoints) become their dataclass
-            object.__setattr__(self, f.name, coerce(_GROUPS[f.name], getattr(self, f.name)))
+        for f in fields(self):  # mappings (from checkpoints) become their group's dataclass
+            object.__setattr__(self, f.name, coerce(type(f.default), getattr(self, f.name)))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dicts, as checkpoints and YAML hold them."""
         return asdict(self)
-
-
-_GROUPS: dict[str, type] = {
-    "network": NetworkParams,
-    "pieg": PiEGParams,
-    "losses": LossParams,
-    "bank": BankParams,
-    "scoring": ScoringParams,
-}
 
 
 def coerce(cls: type[GroupT], value: GroupT | Mapping[str, Any]) -> GroupT:

@@ -17,7 +17,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from pathoscope.checkpoint import CHECKPOINT_VERSION, check_version, read_checkpoint
+from pathoscope.checkpoint import (
+    CHECKPOINT_VERSION,
+    check_version,
+    model_params,
+    read_checkpoint,
+)
 from pathoscope.folded import FoldedDetector
 from pathoscope.hparams import (
     BankParams,
@@ -82,11 +87,17 @@ class PathoScope(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> PathoScope:
         """Load a trained module; its backbone weights come from the checkpoint, never the hub."""
         checkpoint = read_checkpoint(path)
-        hparams = dict(checkpoint["hyper_parameters"])
-        hparams["network"] = {**hparams["network"], "pretrained": False, "weights": None}
+        p = model_params(checkpoint["hyper_parameters"])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
-            module = cls(**hparams)
+            module = cls(
+                p.network,
+                p.pieg,
+                p.losses,
+                p.bank,
+                p.scoring,
+                checkpoint["hyper_parameters"]["optim"],
+            )
         module.load_state_dict(checkpoint["state_dict"])
         module.on_load_checkpoint(checkpoint)
         return module.to(map_location).eval()

@@ -31,7 +31,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser as JsonArgumentParser
 
-FIT_VERBS = ("fit", "validate", "test")  # as pathoscope.app.lightning_cli.FIT_VERBS
+FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
 EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
 
 _HELP = """\
@@ -78,7 +78,10 @@ def _run_lightning(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------- front verbs
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dataset", required=True, help="demo | brats | chestxray8 (demo = synthetic BraTS)"
+        "--dataset",
+        required=True,
+        help="a choice of experiments/datasets.yaml: demo | brats | chestxray8 (demo = synthetic "
+        "BraTS)",
     )
     p.add_argument("--shots", type=int, default=2, help="K, the training subjects (default 2)")
     p.add_argument("--repeats", type=int, default=1, help="seeds 0..N-1 (default 1)")
@@ -92,7 +95,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-root",
         default=None,
-        help="dataset folder (demo: data/demo/brats, written if missing)",
+        help="dataset folder (default: the choice's data_root in experiments/datasets.yaml; the "
+        "demo's, data/demo/brats, is written if missing)",
     )
     p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
     p.add_argument("--runs", default="runs", help="runs root folder (default runs)")
@@ -301,7 +305,9 @@ def _front_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", action="append", default=[], help="experiment YAML (repeatable, in order)"
     )
-    p.add_argument("--dataset", default=None, help="instead of --config: demo | brats | chestxray8")
+    p.add_argument(
+        "--dataset", default=None, help="instead of --config: a choice of experiments/datasets.yaml"
+    )
     p.add_argument(
         "--config-name",
         default="pathoscope",

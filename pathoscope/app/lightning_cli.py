@@ -21,7 +21,6 @@ from pathoscope.app.configs import defaults_file
 from pathoscope.checkpoint import read_checkpoint
 from pathoscope.lightning_model import PathoScope
 
-FIT_VERBS = ("fit", "validate", "test")
 LAST_CHECKPOINT = "last"  # the only checkpoint a run keeps: <checkpoint.dirpath>/last.ckpt
 
 
@@ -103,7 +102,7 @@ class PathoScopeCLI(LightningCLI):
             parser_kwargs={
                 "exit_on_error": False,
                 **({} if run else defaults),
-                **{verb: {"exit_on_error": False, **defaults} for verb in FIT_VERBS},
+                **{verb: {"exit_on_error": False, **defaults} for verb in self.subcommands()},
             },
             **kwargs,
         )

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pathoscope.app.configs import DEFAULT_CONFIG
 from pathoscope.app.paper_tables import paper_rows
 
-DEFAULT_CONFIG = "pathoscope"  # the method itself: the dataset config alone
 # The four metrics of the paper's Table 1, in its order, with their column titles.
 TABLE_METRICS: dict[str, str] = {
     "image_auroc": "Image AUROC",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -22,6 +23,8 @@ from pathoscope.checkpoint import read_checkpoint
 from pathoscope.lightning_model import PathoScope
 
 LAST_CHECKPOINT = "last"  # the only checkpoint a run keeps: <checkpoint.dirpath>/last.ckpt
+# Arguments set from another (link_arguments): given on their own they would be overwritten.
+LINKED = {"data.lesion_min_fraction": "model.losses.lesion_min_fraction"}
 
 
 class FinalValidation(Callback):
@@ -126,6 +129,7 @@ class PathoScopeCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        refuse_link_targets(list(args or ()))
         super().parse_arguments(parser, args)
         config = self.config.get(str(self.config.get("subcommand")), self.config)
         ckpt_path = config.get("ckpt_path")
@@ -149,6 +153,26 @@ class PathoScopeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         finish_fit(self.trainer, self.model, self.datamodule, self.final_validation)
+
+
+def refuse_link_targets(args: Sequence[str]) -> None:
+    """ValueError when the command line or a --config file sets a linked argument itself (the
+    link would silently replace its value)."""
+    for i, arg in enumerate(args):
+        key = arg.removeprefix("--").split("=", 1)[0].replace(".init_args.", ".")
+        if key in LINKED:
+            raise ValueError(f"--{key} is set by --{LINKED[key]}: give that instead")
+        if key == "config":
+            path = (
+                arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            )
+            if Path(path).is_file():
+                config = yaml.safe_load(Path(path).read_text()) or {}
+                data = config.get("data") or {}
+                init = {**data, **(data.get("init_args") or {})} if isinstance(data, dict) else {}
+                for target, source in LINKED.items():
+                    if target.removeprefix("data.") in init:
+                        raise ValueError(f"{path}: {target} is set by {source}: give that instead")
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True, **kwargs: Any) -> PathoScopeCLI:

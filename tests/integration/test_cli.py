@@ -201,6 +201,28 @@ def test_grid_bad_param_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "g").exists()
 
 
+# ------------------------------------------------------------------------------- one value, two places
+def test_lesion_min_fraction_is_one_value_for_model_and_data(
+    brats_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's grid threshold and the data's lesion synthesis share one argument."""
+    from pathoscope.app.lightning_cli import lightning_cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(EXPERIMENTS / "brats.yaml"), f"--data.root={brats_root}"]
+    args += ["--model.network.pretrained=false", "--trainer.logger=false"]
+    built = lightning_cli([*args, "--model.losses.lesion_min_fraction=0.3"], run=False)
+    assert built.model.model.hp.losses.lesion_min_fraction == 0.3
+    assert built.datamodule.synthesizer.min_fraction == 0.3
+    # Set on its own it would be overwritten by the link: refused instead.
+    with pytest.raises(ValueError, match="model.losses.lesion_min_fraction"):
+        lightning_cli([*args, "--data.lesion_min_fraction=0.3"], run=False)
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  init_args:\n    lesion_min_fraction: 0.3\n")
+    with pytest.raises(ValueError, match="data.yaml: data.lesion_min_fraction"):
+        lightning_cli([*args, "--config", str(config)], run=False)
+
+
 # ------------------------------------------------------------------------------- data verbs
 def test_make_demo_data_writes_a_loadable_set(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -77,7 +77,7 @@ class PathoScopeCLI(LightningCLI):
     * `--data` is any FewShotDataModule (`data_modules.brats.BraTSDataModule`,
       `data_modules.chestxray8.ChestXray8DataModule`) given by `class_path`.
     * `--model.losses.lesion_min_fraction` is also the data's lesion synthesis threshold
-      (linked: one value for both; `--data.lesion_min_fraction` is not an argument).
+      (linked: one value for both; setting the data's own is refused, see LINKED).
     * `--metrics.*`: the AnomalyMetrics callback, always present (validation sets tau; test
       writes metrics.json into `--metrics.output_dir`, default the trainer's log_dir).
     * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no

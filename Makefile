@@ -34,12 +34,12 @@ install: $(STAMP) ## create .venv/ (torch pinned via constraints.txt) and instal
 train: $(STAMP) ## fit + test seeds 0..REPEATS-1 (DATASET=demo by default: synthetic BraTS, K=2, 128 px) and print the table
 	$(BIN)/pathoscope train --dataset $(DATASET) --shots $(SHOTS) --repeats $(REPEATS) \
 		$(if $(CONFIG),--config-name $(CONFIG)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --logger $(LOGGER) \
-		$(if $(WEIGHTS),--model.weights=$(WEIGHTS))
+		$(if $(WEIGHTS),--model.network.weights=$(WEIGHTS))
 
 table: $(STAMP) ## gather every config and K under RUNS=runs/<dataset> into one Markdown table + CSV
 	$(BIN)/pathoscope table --runs $(RUNS)
 
-grid: $(STAMP) ## local parameter grid without any account, e.g. ARGS="--dataset demo --param model.eta=0.01,0.05 --shots 2"
+grid: $(STAMP) ## local parameter grid without any account, e.g. ARGS="--dataset demo --param model.pieg.eta=0.01,0.05 --shots 2"
 	$(BIN)/pathoscope grid $(ARGS)
 
 sweep: $(STAMP) ## create the W&B sweep SWEEP=experiments/sweeps/eta.yaml and start an agent (needs a W&B server/account; edit --data-root in the file)

@@ -31,8 +31,10 @@ import torch
 from callbacks.metrics import EvalData, compute_metrics
 from data_modules.common import to_rgb
 from data_modules.transforms import normalize
-from pathoscope.cli import build_datamodule
-from pathoscope.runs import _mean_std, config_files, run_one
+from pathoscope.app.cli import build_datamodule
+from pathoscope.app.configs import config_files
+from pathoscope.app.experiments import run_one
+from pathoscope.app.reporting import _mean_std
 
 PROJECT_CONFIGS = ("pathoscope", "anchor_knn", "glass_hypersphere", "glass_manifold")
 PEERS = ("patchcore", "padim")
@@ -102,7 +104,7 @@ def _export_split(
 
 def _backbone_state(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
-    prefix = "backbone.net."
+    prefix = "model.backbone.net."
     return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 

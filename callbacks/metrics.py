@@ -6,10 +6,10 @@ has_mask, index, subject and slice, all on the CPU: memory is set by the evaluat
 number of items, never by the input resolution. At epoch end it gathers the items of every DDP
 rank, removes the duplicates that DistributedSampler pads with (same `index`), and computes:
 
-* validation: tau = the `pl_module.hparams.tau_quantile` quantile of the NORMAL validation scores,
+* validation: tau = the `pl_module.tau_quantile` quantile of the NORMAL validation scores,
   stored in the `pl_module.tau` buffer (so checkpoints carry it); `val/<metric>` is logged.
 * test: the stored tau is used as it is; `test/<metric>` is logged, and `metrics.json` (every key
-  of DESIGN.md) plus, with `save_predictions=True`, `predictions.npz` are written.
+  of docs/metrics.md) plus, with `save_predictions=True`, `predictions.npz` are written.
 
 Pixel metrics use the items with a pixel-level gt_mask (`has_mask`) plus the normal items, and
 are null when those hold no anomalous pixel. tau sees no anomalous data and is biased low: the
@@ -41,6 +41,7 @@ from pathoscope.metrics import (
     pixel_auroc,
     pro_score,
 )
+from pathoscope.postprocess import threshold_from_normals
 
 __all__ = [
     "JSON_KEYS",
@@ -49,7 +50,6 @@ __all__ = [
     "EvalData",
     "compute_metrics",
     "resolve_output_dir",
-    "threshold_from_normals",
 ]
 
 # Values logged as <stage>/<name>; metrics.json holds these plus the run description.
@@ -100,19 +100,6 @@ class EvalData:
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).nbytes for f in fields(self))
-
-
-def threshold_from_normals(scores: np.ndarray, labels: np.ndarray, quantile: float) -> float | None:
-    """tau: the `quantile` (linear interpolation) of the scores of normal items (label 0).
-
-    None when there is no normal item.
-    """
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"tau_quantile must be in [0, 1]; got {quantile}")
-    normal = np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0]
-    if normal.size == 0:
-        return None
-    return float(np.quantile(normal, quantile))
 
 
 def compute_metrics(data: EvalData, tau: float | None, fpr_limit: float = 0.3) -> dict[str, Any]:
@@ -173,9 +160,9 @@ class AnomalyMetrics(Callback):
             default_root_dir).
         fpr_limit: PRO is integrated up to this false-positive rate (MVTec AD: 0.3).
 
-    Needs `pl_module.tau` (scalar tensor buffer), `pl_module.hparams.tau_quantile`, and
+    Needs `pl_module.tau` (scalar tensor buffer), `pl_module.tau_quantile` (float), and
     validation/test steps that return {"score": (B,), "anomaly_map": (B, 1, H, W)} on the
-    evaluation item dicts of data_contract.md. After an epoch, `results[stage]` (EvalData) and
+    evaluation item dicts of docs/batch_contract.md. After an epoch, `results[stage]` (EvalData) and
     `metrics[stage]` (dict) hold what was computed; stage is "val" or "test".
     """
 
@@ -353,7 +340,7 @@ class AnomalyMetrics(Callback):
         if data is None:
             warnings.warn("AnomalyMetrics: no validation items; tau is unchanged", stacklevel=2)
             return
-        quantile = float(pl_module.hparams.tau_quantile)
+        quantile = float(pl_module.tau_quantile)
         tau = threshold_from_normals(data.scores, data.labels, quantile)
         if tau is None:
             warnings.warn(
@@ -379,7 +366,7 @@ class AnomalyMetrics(Callback):
             **metrics,
             "eval_size": eval_size,
             "weights": getattr(pl_module, "weights_tag", None),
-            "checkpoint": "last",  # no checkpoint selection on test labels (issue 4, item 5)
+            "checkpoint": "last",  # never a checkpoint selected on test labels
         }
         self.metrics["test"] = report
         out_dir = resolve_output_dir(trainer, self.output_dir)  # on every rank (collective)

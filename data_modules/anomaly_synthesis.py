@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from data_modules.errors import DataError
+from pathoscope.feature_grid import FEATURE_STRIDE
 
 _TEXTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -145,7 +146,7 @@ class LesionSynthesizer:
     def __init__(
         self,
         textures: str | Path | None = None,
-        feature_stride: int = 8,
+        feature_stride: int = FEATURE_STRIDE,
         min_fraction: float = 0.5,
         beta_mean: float = 0.5,
         beta_std: float = 0.1,

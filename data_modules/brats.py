@@ -47,6 +47,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from data_modules.brats_volumes import (
+    CLIP_PERCENTILE,
+    INTENSITY_NORMS,
+    check_3d,
+    find_subject_dirs,
+    find_subject_file,
+    load_volume,
+    normalize_volume,
+    preprocess_slices,
+    rel_name,
+)
 from data_modules.common import (
     FewShotDataModule,
     Sample,
@@ -56,92 +67,12 @@ from data_modules.common import (
     select_loading,
 )
 from data_modules.errors import DataError
-from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, resize
+from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
-BRATS_DIRNAME = "MICCAI_BraTS2020_TrainingData"
-CLIP_PERCENTILE = 99.5
 _CACHE_VERSION = 1
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-# ----------------------------------------------------------------------------- volume helpers
-def _rel(path: Path) -> str:
-    """`subject_folder/file` for messages."""
-    return f"{path.parent.name}/{path.name}"
-
-
-def load_volume(path: str | Path) -> np.ndarray:
-    """A 3D NIfTI volume as float32 (H, W, D); DataError naming the file when it is not one."""
-    path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for bad headers
-        raise DataError(f"{_rel(path)}: cannot read NIfTI header ({exc})") from exc
-    _check_3d(path, img.shape)
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as exc:  # truncated gzip: EOFError, OSError, zlib.error...
-        raise DataError(f"{_rel(path)}: cannot read the volume data ({exc})") from exc
-    return data.reshape(data.shape[:3])
-
-
-def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    core = tuple(int(s) for s in shape)
-    while len(core) > 3 and core[-1] == 1:  # (H, W, D, 1) is still one volume
-        core = core[:-1]
-    if len(core) != 3:
-        raise DataError(f"{_rel(path)}: expected a 3D volume, got shape {tuple(shape)}")
-    return core[0], core[1], core[2]
-
-
-INTENSITY_NORMS = ("percentile", "median")
-
-
-def normalize_volume(volume: np.ndarray, method: str = "percentile") -> np.ndarray:
-    """Scale the voxels > 0 to [0, 1] (float32, same shape).
-
-    "percentile": divide by p99.5 of the brain voxels, clip at 1. "median" (ours): divide by twice
-    the median of the brain voxels, clip at 1, so normal tissue lands at the same level whatever
-    the lesion: a large hyperintense tumour moves p99.5 (by up to 40 % on FLAIR) and with it every
-    normal voxel of its volume, but hardly moves the median.
-    """
-    brain = volume[volume > 0]
-    if brain.size == 0:
-        raise DataError("all voxels are zero")
-    if method == "percentile":
-        top = float(np.percentile(brain, CLIP_PERCENTILE))
-    elif method == "median":
-        top = 2.0 * float(np.median(brain))
-    else:
-        raise ValueError(f"intensity_norm must be one of {INTENSITY_NORMS}, got {method!r}")
-    return (np.clip(volume, 0.0, top) / top).astype(np.float32)
-
-
-def preprocess_slices(
-    volumes: list[np.ndarray],
-    slices: list[int],
-    image_size: int,
-    seg: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Normalised volumes (one per channel) -> resized axial slices.
-
-    Returns `image` (N, S, S, C) float32, `foreground` (N, S, S) bool (any channel > 0) and, when
-    `seg` (H, W, D) is given, `gt_mask` (N, S, S) bool (seg > 0). Axial slice k = vol[:, :, k].
-    """
-    out: dict[str, list[np.ndarray]] = {"image": [], "foreground": [], "gt_mask": []}
-    for k in slices:
-        image = np.stack([v[:, :, k] for v in volumes], axis=-1)  # (H, W, C)
-        masks = {"foreground": image.max(axis=-1) > 0}
-        if seg is not None:
-            masks["gt_mask"] = seg[:, :, k] > 0
-        image, masks = resize(image, image_size, masks)
-        out["image"].append(image)
-        for name, mask in masks.items():
-            out[name].append(mask)
-    return {name: np.stack(arrays) for name, arrays in out.items() if arrays}
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -162,44 +93,8 @@ class _Selection:
     val: dict[str, list[int]]  # training subject -> other healthy slices
 
 
-def find_subject_file(folder: Path, key: str) -> Path:
-    """`{folder}_{key}.nii[.gz]`, else the one file ending `_{key}.nii[.gz]`; DataError if none."""
-    for suffix in _NIFTI_SUFFIXES:
-        path = folder / f"{folder.name}_{key}{suffix}"
-        if path.is_file():
-            return path
-    matches = sorted(p for s in _NIFTI_SUFFIXES for p in folder.glob(f"*_{key}{s}"))
-    if len(matches) == 1:
-        return matches[0]
-    found = sorted(p.name for p in folder.iterdir())
-    raise DataError(
-        f"{folder.name}/{folder.name}_{key}.nii.gz: missing (expected "
-        f"{folder.name}_{key}.nii or .nii.gz; the folder has {found})"
-    )
-
-
-def find_subject_dirs(root: str | Path) -> list[Path]:
-    """Sorted subject folders under `root` (or its `MICCAI_BraTS2020_TrainingData` folder)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise DataError(f"{root}: BraTS root folder {what}")
-    base = root / BRATS_DIRNAME if (root / BRATS_DIRNAME).is_dir() else root
-    dirs = sorted(
-        d
-        for d in base.iterdir()
-        if d.is_dir() and any(p.name.endswith(_NIFTI_SUFFIXES) for p in d.iterdir())
-    )
-    if not dirs:
-        raise DataError(
-            f"{root}: no subject folders with .nii/.nii.gz files (expected {BRATS_DIRNAME}/"
-            "BraTS20_Training_XXX/BraTS20_Training_XXX_flair.nii.gz ...)"
-        )
-    return dirs
-
-
 class BraTSDataModule(FewShotDataModule):
-    """BraTS2020 few-shot split (module docstring); items as in data_contract.md."""
+    """BraTS2020 few-shot split (module docstring); items as in docs/batch_contract.md."""
 
     dataset_name = "brats"
 
@@ -405,16 +300,16 @@ class BraTSDataModule(FewShotDataModule):
             try:
                 header_shape = nib.load(str(path)).shape
             except Exception as exc:
-                raise DataError(f"{_rel(path)}: cannot read NIfTI header ({exc})") from exc
-            shapes.append(_check_3d(path, header_shape))
+                raise DataError(f"{rel_name(path)}: cannot read NIfTI header ({exc})") from exc
+            shapes.append(check_3d(path, header_shape))
         for path, shape in zip(images, shapes[:-1], strict=True):
             if shape != shapes[-1]:
                 raise DataError(
-                    f"{_rel(seg)}: shape {shapes[-1]} does not match {_rel(path)} shape {shape}"
+                    f"{rel_name(seg)}: shape {shapes[-1]} does not match {rel_name(path)} shape {shape}"
                 )
         if shapes[-1][2] <= hi:
             raise DataError(
-                f"{_rel(seg)}: slice_range {lo}..{hi} needs at least {hi + 1} axial slices, "
+                f"{rel_name(seg)}: slice_range {lo}..{hi} needs at least {hi + 1} axial slices, "
                 f"the volume has {shapes[-1][2]}"
             )
         tumorous = self._read_slab(seg, lo, hi).any(axis=0)  # (n_range,)
@@ -422,8 +317,8 @@ class BraTSDataModule(FewShotDataModule):
         has_brain = self._read_slab(images[0], lo, hi).any(axis=0)
         if not has_brain.any():
             if not load_volume(images[0]).any():
-                raise DataError(f"{_rel(images[0])}: all voxels are zero")
-            raise DataError(f"{_rel(images[0])}: no voxel > 0 in axial slices {lo}..{hi}")
+                raise DataError(f"{rel_name(images[0])}: all voxels are zero")
+            raise DataError(f"{rel_name(images[0])}: no voxel > 0 in axial slices {lo}..{hi}")
         self._cache_write(key, tumorous=tumorous, has_brain=has_brain)
         return _Subject(folder.name, images, seg, tumorous, has_brain)
 
@@ -433,7 +328,7 @@ class BraTSDataModule(FewShotDataModule):
         try:
             slab = np.asarray(nib.load(str(path)).dataobj[:, :, lo : hi + 1])
         except Exception as exc:
-            raise DataError(f"{_rel(path)}: cannot read the volume data ({exc})") from exc
+            raise DataError(f"{rel_name(path)}: cannot read the volume data ({exc})") from exc
         return slab.reshape(-1, hi - lo + 1) > 0
 
     def _select(self, subjects: dict[str, _Subject], bad: set[str]) -> _Selection:
@@ -522,11 +417,11 @@ class BraTSDataModule(FewShotDataModule):
             try:
                 volumes.append(normalize_volume(volume, self.intensity_norm))
             except DataError as err:
-                raise DataError(f"{_rel(path)}: {err}") from None
+                raise DataError(f"{rel_name(path)}: {err}") from None
         seg = load_volume(subject.seg)
         if seg.shape != volumes[0].shape:  # headers were checked; guard against odd files
             raise DataError(
-                f"{_rel(subject.seg)}: shape {seg.shape} does not match {volumes[0].shape}"
+                f"{rel_name(subject.seg)}: shape {seg.shape} does not match {volumes[0].shape}"
             )
         arrays = preprocess_slices(volumes, list(range(lo, hi + 1)), self.image_size, seg)
         self._cache_write(key, **arrays)

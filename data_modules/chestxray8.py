@@ -114,7 +114,7 @@ class _Record:
 
 
 class ChestXray8DataModule(FewShotDataModule):
-    """ChestX-ray8 few-shot split (module docstring); items as in data_contract.md.
+    """ChestX-ray8 few-shot split (module docstring); items as in docs/batch_contract.md.
 
     Item `subject` is the image file name ("Image Index"); `train_subjects` / `test_subjects`
     are patient IDs.

@@ -5,9 +5,9 @@
   ranks candidates by a hash of (seed, purpose, name), not by a permutation of a list: removing
   a candidate (a bad subject found late) never changes the relative order of the others, and the
   same names give the same split on every machine.
-* `EvalDataset`, `TrainDataset`, `TrainSampler`: item dicts as in data_contract.md. Training
-  items depend only on the global index g = epoch * length + i that `TrainSampler` yields and on
-  the seed (augmentation and lesion synthesis are seeded from `np.random.default_rng([seed, g])`),
+* `EvalDataset`, `TrainDataset`, `TrainSampler`: item dicts as in docs/batch_contract.md.
+  Training items depend only on the global index g = epoch * length + i that `TrainSampler`
+  yields and on the seed (augmentation and lesion synthesis are seeded from `np.random.default_rng([seed, g])`),
   so batches are identical whatever `num_workers` is.
 * `FewShotDataModule`: the LightningDataModule both datasets derive from; a subclass only
   implements `_build_split()` (and `preprocessing()`).
@@ -138,7 +138,7 @@ def select_loading(
 
 
 def sample_item(sample: Sample, index: int) -> dict[str, object]:
-    """Evaluation item dict (data_contract.md) of a Sample."""
+    """Evaluation item dict (docs/batch_contract.md) of a Sample."""
     return {
         "image": normalize(to_rgb(sample.image)),  # (3, S, S)
         "gt_mask": torch.from_numpy(np.ascontiguousarray(sample.gt_mask[None])),  # (1, S, S)

@@ -1,6 +1,6 @@
 """Image transforms: normalisation, resizing, seeded training augmentation (paper Section 2.2).
 
-Pixel convention (data_contract.md): images are float32 (H, W, 3) in [0, 1] before
+Pixel convention (docs/batch_contract.md): images are float32 (H, W, 3) in [0, 1] before
 normalisation; masks (foreground, gt_mask, lesion_mask) are (H, W) bool.
 """
 

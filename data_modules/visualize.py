@@ -49,7 +49,7 @@ def show_data_grid(
     """Write the grid described in the module docstring to `out_path` (PNG); returns the path.
 
     Uses `datamodule.setup("fit")` / `setup("test")`, `train_dataset()[i]` for i < n_train and
-    `test_dataset()[i]` at evenly spaced i (item dicts as in data_contract.md).
+    `test_dataset()[i]` at evenly spaced i (item dicts as in docs/batch_contract.md).
     """
     datamodule.setup("fit")
     datamodule.setup("test")

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pathoscope.feature_grid import FEATURE_DIM
+
 log = logging.getLogger(__name__)
 
 PRETRAINED_TAG = "resnet18.tv_in1k"  # torchvision ImageNet weights, as GLASS-family code uses
-FEATURE_DIM = 384  # 128 (layer2) + 256 (layer3)
-FEATURE_STRIDE = 8  # the feature grid is layer2's: H/8 x W/8
 
 
 class BackboneWeightsError(RuntimeError):

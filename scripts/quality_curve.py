@@ -24,18 +24,19 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.metrics import EvalData, compute_metrics
-from pathoscope.cli import lightning_cli
-from pathoscope.model import image_score
-from pathoscope.runs import config_files
+from pathoscope.app.configs import config_files
+from pathoscope.app.lightning_cli import lightning_cli
+from pathoscope.postprocess import image_score
 
 EVAL_SIZE = 128
 KEYS = ("image_auroc", "pixel_auroc", "pro", "dice_best", "pixel_auroc_fg")
 
 
 @torch.no_grad()
-def evaluate(model, dm) -> dict[str, dict[str, float]]:
-    was_training = model.training
-    model.eval()
+def evaluate(module, dm) -> dict[str, dict[str, float]]:
+    was_training = module.training
+    module.eval()
+    model = module.model  # the torch model
     maps: dict[str, list[np.ndarray]] = {}
     scores: dict[str, list[np.ndarray]] = {}
     gts, fgs, labels = [], [], []
@@ -77,7 +78,7 @@ def evaluate(model, dm) -> dict[str, dict[str, float]]:
         )
         met = compute_metrics(data, tau=None)
         out[name] = {k: round(float(met[k]), 4) for k in KEYS}
-    model.train(was_training)
+    module.train(was_training)
     return out
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in config_files("brats"):
         cli_args += ["--config", str(f)]
     cli_args += [
-        "--model.pretrained=false",
+        "--model.network.pretrained=false",
         *overrides,
         f"--data.root={args.data_root}",
         f"--data.shots={args.shots}",

@@ -1,4 +1,5 @@
-"""Does the discriminator learn? A small, fast probe of issue 2's toy acceptance (not a test).
+"""Does the discriminator learn? A small, fast probe on toy images (not a test; see
+tests/unit/test_model_learns.py for the asserted version).
 
 Normal images are smooth grey "tissue" (or horizontal stripes); test anomalies are square patches of
 extra mottled texture (or orthogonal stripes) with the same mean intensity. The model trains on K
@@ -9,12 +10,12 @@ minute on a CPU:
 
     .venv/bin/python scripts/toy_learning.py --steps 60
     .venv/bin/python scripts/toy_learning.py --steps 60 --terms focal          # D on focal only
-    .venv/bin/python scripts/toy_learning.py --steps 300 --model pieg_units=distance_scale \\
-        --model eta=0.001 --model noise_std=0.002 --model pieg_min_distance=1.0
+    .venv/bin/python scripts/toy_learning.py --steps 300 --model pieg.units=distance_scale \\
+        --model pieg.eta=0.001 --model pieg.noise_std=0.002 --model pieg.min_distance=1.0
 
 What it showed (random backbone, 64 px, K = 2): with PiEG's default descent, D reaches 0.91-0.96 on
 the stripes toy in 60 steps (seeds 0-3; the anchor distance: 0.93-0.94) and 0.73 (eta 0.01) / 0.93
-(eta 0.05) on the mottle toy; with `--model pieg_direction=ascent` (Eq. 3's printed sign) D ends
+(eta 0.05) on the mottle toy; with `--model pieg.direction=ascent` (Eq. 3's printed sign) D ends
 below its untrained value. Under the ascent, v_s moves towards the anchors and is labelled
 pathological, so D learns to score the normal manifold high; with the focal term alone
 (`--terms focal`) D learns the toy whatever the direction.
@@ -32,8 +33,8 @@ import torch
 
 from data_modules.anomaly_synthesis import LesionSynthesizer
 from data_modules.synthetic import toy_tensors, toy_texture_images, toy_training_batch
+from pathoscope.lightning_model import PathoScope
 from pathoscope.metrics import pixel_auroc
-from pathoscope.model import PathoScope
 
 SIZE = 64
 
@@ -47,23 +48,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="model and training-data seed")
     parser.add_argument("--terms", default="", help="loss terms to sum, e.g. focal,lc (all)")
     parser.add_argument(
-        "--model", action="append", default=[], help="PathoScope argument NAME=VALUE"
+        "--model",
+        action="append",
+        default=[],
+        help="PathoScope hyperparameter GROUP.NAME=VALUE, e.g. pieg.eta=0.05",
     )
     args = parser.parse_args(argv)
-    kwargs: dict[str, object] = dict(pretrained=False, hidden_dim=256, pieg_steps=5)
+    groups: dict[str, dict[str, object]] = {
+        "network": {"pretrained": False, "hidden_dim": 256},
+        "pieg": {"steps": 5},
+    }
     for item in args.model:
-        name, _, value = item.partition("=")
+        key, _, value = item.partition("=")
+        group, _, name = key.partition(".")
         try:
-            kwargs[name] = ast.literal_eval(value)
+            groups.setdefault(group, {})[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            kwargs[name] = value
+            groups.setdefault(group, {})[name] = value
     terms = [t for t in args.terms.split(",") if t]
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = PathoScope(**kwargs)
+        module = PathoScope(**groups)  # the LightningModule, for its optimisers
+    model = module.model
     bank_images, _ = toy_texture_images(
         rng, 10, args.kind, size=SIZE
     )  # 8 in the bank, 2 set its distance scale
@@ -81,17 +90,16 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         with torch.no_grad():
             maps = model(toy_tensors(test_x)).anomaly_map[:, 0]
-            source = model.hparams.score_source
-            model.hparams.score_source = "anchor_distance"
+            model.with_scoring(source="anchor_distance")
             knn = model(toy_tensors(test_x)).anomaly_map[:, 0]
-            model.hparams.score_source = source
+            model.with_scoring(source="discriminator")
         model.train()
         model.backbone.eval()
         truth = torch.from_numpy(test_masks)
         return float(pixel_auroc(maps, truth)), float(pixel_auroc(knn, truth))
 
     untrained, _ = evaluate()
-    optimizer = model.configure_optimizers()
+    optimizer = module.configure_optimizers()
     start = time.time()
     for step in range(1, args.steps + 1):
         out = model.training_losses(batch())
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     trained, knn = evaluate()
     print(
         f"D pixel AUROC: untrained {untrained:.3f} -> trained {trained:.3f}; anchor distance "
-        f"{knn:.3f}; {args.steps} steps in {time.time() - start:.0f} s; {kwargs}"
+        f"{knn:.3f}; {args.steps} steps in {time.time() - start:.0f} s; {groups}"
     )
 
 

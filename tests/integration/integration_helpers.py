@@ -25,10 +25,10 @@ def tiny_overrides(dataset: str, root: Path, max_steps: int = 2) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.log_every_n_steps=1",
-        "--model.pretrained=false",
-        f"--model.pieg_steps={PIEG_STEPS}",
-        "--model.hidden_dim=64",
-        "--model.max_anchors=256",
+        "--model.network.pretrained=false",
+        f"--model.pieg.steps={PIEG_STEPS}",
+        "--model.network.hidden_dim=64",
+        "--model.bank.max_anchors=256",
         "--metrics.eval_size=64",
     ]
     if dataset == "chestxray8":

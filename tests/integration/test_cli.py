@@ -19,7 +19,7 @@ import pytest
 from integration_helpers import EXPERIMENTS, REPO, tiny_overrides
 from PIL import Image
 
-from pathoscope import cli
+from pathoscope.app import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
 
@@ -60,7 +60,13 @@ def test_every_verb_has_help_through_the_console_script() -> None:
         assert f"usage: pathoscope {verb}" in out
     assert "--data-root" in out and "--param" in out and "--config-name" in out
     # LightningCLI's help lists the model, data and the always-present callbacks.
-    for key in ("--model.eta", "--data CONFIG", "--metrics.eval_size", "--checkpoint.dirpath"):
+    for key in (
+        "--model.pieg.eta",
+        "--model.bank.max_anchors",
+        "--data CONFIG",
+        "--metrics.eval_size",
+        "--checkpoint.dirpath",
+    ):
         assert key in out
 
 
@@ -78,9 +84,9 @@ def test_other_verbs_have_help(verb: str, capsys: pytest.CaptureFixture[str]) ->
 
 def test_module_verbs_get_their_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("pathoscope.predict")
+    fake = types.ModuleType("pathoscope.app.predict.run")
     fake.main = lambda argv: seen.append(argv) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pathoscope.predict", fake)
+    monkeypatch.setitem(sys.modules, "pathoscope.app.predict.run", fake)
     assert cli.main(["predict", "--ckpt_path", "x.ckpt", "--input", "y"]) == 7
     assert seen == [["--ckpt_path", "x.ckpt", "--input", "y"]]
 
@@ -132,7 +138,7 @@ def test_train_on_a_data_root_of_the_wrong_layout(
     # A ChestX-ray8 folder given as BraTS: the data module's DataError, nothing under runs/.
     runs = tmp_path / "runs"
     args = ["train", "--dataset", "brats", "--data-root", str(chestxray_root), "--runs", str(runs)]
-    assert cli.main([*args, "--model.pretrained=false"]) == cli.EXIT_USAGE
+    assert cli.main([*args, "--model.network.pretrained=false"]) == cli.EXIT_USAGE
     err = _one_error_line(capsys, "train")
     assert str(chestxray_root) in err and "BraTS20_Training" in err
     assert not runs.exists()
@@ -142,9 +148,9 @@ def test_fit_bad_value_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(EXPERIMENTS / "brats.yaml"), "--model.eta", "abc"]
+    args = ["fit", "--config", str(EXPERIMENTS / "brats.yaml"), "--model.pieg.eta", "abc"]
     assert cli.main(args) == cli.EXIT_USAGE
-    assert "model.eta" in _one_error_line(capsys, "fit")
+    assert "model.pieg.eta" in _one_error_line(capsys, "fit")
 
 
 def test_fit_missing_config_file_is_one_line(
@@ -160,8 +166,25 @@ def test_fit_missing_data_root_is_one_line(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # Lightning's log folder goes here
     args = ["fit", "--config", str(EXPERIMENTS / "brats.yaml"), "--data.root=/no/such/root"]
-    assert cli.main([*args, "--model.pretrained=false"]) == cli.EXIT_USAGE
+    assert cli.main([*args, "--model.network.pretrained=false"]) == cli.EXIT_USAGE
     assert "/no/such/root" in _one_error_line(capsys, "fit")
+
+
+def test_checkpoint_of_an_old_version_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version-1 checkpoint (flat hyperparameters) stops `test` before anything is built."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "old.ckpt"
+    flat = {"eta": 0.01, "pieg_steps": 20, "score_source": "discriminator"}
+    torch.save({"pathoscope": {"version": 1}, "hyper_parameters": flat, "state_dict": {}}, old)
+    args = ["test", "--config", str(EXPERIMENTS / "brats.yaml"), f"--ckpt_path={old}"]
+    assert cli.main([*args, f"--data.root={tmp_path}"]) == cli.EXIT_USAGE
+    err = _one_error_line(capsys, "test")
+    assert str(old) in err and "version 1" in err and "version 2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.ckpt"]  # nothing written
 
 
 def test_table_of_a_missing_folder_is_one_line(
@@ -176,6 +199,28 @@ def test_grid_bad_param_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli.main([*args, "--out", str(tmp_path / "g")]) == cli.EXIT_USAGE
     assert "KEY=V1,V2" in _one_error_line(capsys, "grid")
     assert not (tmp_path / "g").exists()
+
+
+# ------------------------------------------------------------------------------- one value, two places
+def test_lesion_min_fraction_is_one_value_for_model_and_data(
+    brats_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's grid threshold and the data's lesion synthesis share one argument."""
+    from pathoscope.app.lightning_cli import lightning_cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(EXPERIMENTS / "brats.yaml"), f"--data.root={brats_root}"]
+    args += ["--model.network.pretrained=false", "--trainer.logger=false"]
+    built = lightning_cli([*args, "--model.losses.lesion_min_fraction=0.3"], run=False)
+    assert built.model.model.hp.losses.lesion_min_fraction == 0.3
+    assert built.datamodule.synthesizer.min_fraction == 0.3
+    # Set on its own it would be overwritten by the link: refused instead.
+    with pytest.raises(ValueError, match="model.losses.lesion_min_fraction"):
+        lightning_cli([*args, "--data.lesion_min_fraction=0.3"], run=False)
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  init_args:\n    lesion_min_fraction: 0.3\n")
+    with pytest.raises(ValueError, match="data.yaml: data.lesion_min_fraction"):
+        lightning_cli([*args, "--config", str(config)], run=False)
 
 
 # ------------------------------------------------------------------------------- data verbs

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from integration_helpers import EXPERIMENTS
 
-from pathoscope import runs
+from pathoscope.app import experiments
 
 pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
 
@@ -31,8 +31,8 @@ def test_demo_beats_anchor_knn(brats_root: Path, tmp_path: Path) -> None:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
-    ours = runs.run_one(demo, tmp_path / "demo" / "seed0", 0, small)
-    knn = runs.run_one(
+    ours = experiments.run_one(demo, tmp_path / "demo" / "seed0", 0, small)
+    knn = experiments.run_one(
         [*demo, EXPERIMENTS / "anchor_knn.yaml"], tmp_path / "knn" / "seed0", 0, small
     )
     assert ours["weights"] == knn["weights"] == "random"

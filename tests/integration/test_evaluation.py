@@ -23,7 +23,7 @@ from callbacks import AnomalyMetrics, HeatmapVisualizer
 from callbacks.metrics import JSON_KEYS
 from callbacks.visualization import GT_COLOR, TITLE_HEIGHT
 from data_modules.brats import BraTSDataModule
-from pathoscope.model import PathoScope
+from pathoscope.lightning_model import PathoScope
 
 EVAL_SIZE = 32
 EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -131,11 +131,10 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
         model = PathoScope(
-            pretrained=False,
-            pieg_steps=2,
-            hidden_dim=64,
-            max_anchors=256,
-            score_source="anchor_distance",
+            network={"pretrained": False, "hidden_dim": 64},
+            pieg={"steps": 2},
+            bank={"max_anchors": 256},
+            scoring={"source": "anchor_distance"},
         )
     metrics_cb = AnomalyMetrics(eval_size=EVAL_SIZE, save_predictions=True)
     viz = HeatmapVisualizer(n_images=6, seed=0)
@@ -161,11 +160,11 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
     assert set(val.subject) <= set(dm.train_subjects)  # checkpoint selection never sees test data
     assert not set(val.subject) & set(dm.test_subjects)
     assert float(model.tau) == pytest.approx(
-        np.quantile(val.scores[val.labels == 0].astype(np.float64), model.hparams.tau_quantile)
+        np.quantile(val.scores[val.labels == 0].astype(np.float64), model.tau_quantile)
     )
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert float(state["tau"]) == tau_fit
+    assert float(state["model.tau"]) == tau_fit
 
     test_results = trainer.test(model, datamodule=dm, verbose=False)
     report = json.loads((tmp_path / "metrics.json").read_text())

@@ -17,10 +17,10 @@ import pytest
 import torch
 from integration_helpers import EXPERIMENTS, PIEG_STEPS, dataset_configs, tiny_overrides
 
-from pathoscope import cli
 from pathoscope.anchor_bank import AnchorBank
-from pathoscope.model import PathoScope
+from pathoscope.app import cli
 from pathoscope.pieg import CandidateSearch
+from pathoscope.torch_model import PathoScopeModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
 
@@ -96,18 +96,18 @@ def _install_counters(mp: pytest.MonkeyPatch, fitted: Fitted) -> None:
     counting(AnchorBank, "nearest", "bank.nearest")
     counting(AnchorBank, "search", "bank.search")
     counting(CandidateSearch, "nearest", "candidates.nearest")
-    original_losses = PathoScope.training_losses
+    original_losses = PathoScopeModel.training_losses
 
-    def training_losses(self: PathoScope, batch: dict[str, torch.Tensor]) -> Any:
-        step = Counter()
-        outer, current["c"] = current["c"], step
+    def training_losses(self: PathoScopeModel, batch: dict[str, torch.Tensor], step: int) -> Any:
+        counts = Counter()
+        outer, current["c"] = current["c"], counts
         try:
-            return original_losses(self, batch)
+            return original_losses(self, batch, step)
         finally:
             current["c"] = outer
-            fitted.train_steps.append(step)
+            fitted.train_steps.append(counts)
 
-    mp.setattr(PathoScope, "training_losses", training_losses)
+    mp.setattr(PathoScopeModel, "training_losses", training_losses)
 
 
 def _read_train_rows(log_dir: Path) -> list[dict[str, float]]:
@@ -172,10 +172,11 @@ def fitted(
 
 
 def test_every_experiment_file_is_covered() -> None:
+    # defaults.yaml is read by every case; datasets.yaml lists the dataset choices (no config).
     files = {
         p.relative_to(EXPERIMENTS).with_suffix("").as_posix()
         for p in EXPERIMENTS.rglob("*.yaml")
-        if "sweeps" not in p.parts
+        if "sweeps" not in p.parts and p.name not in ("defaults.yaml", "datasets.yaml")
     }
     covered = {c for _, c in CASES if c != "pathoscope"} | {"brats", "demo", "chestxray8"}
     assert files == covered
@@ -194,8 +195,8 @@ def test_fit_then_test_writes_metrics_and_checkpoint(fitted: Fitted) -> None:
     # global_step counts batches: one per training step the model took.
     assert ckpt["global_step"] == len(fitted.train_steps)
     assert ckpt["global_step"] == (0 if fitted.config == "anchor_knn" else 2)
-    assert ckpt["state_dict"]["bank.anchors"].shape[0] > 0  # the bank exists, also untrained
-    assert math.isfinite(float(ckpt["state_dict"]["tau"]))
+    assert ckpt["state_dict"]["model.bank.anchors"].shape[0] > 0  # the bank exists, untrained too
+    assert math.isfinite(float(ckpt["state_dict"]["model.tau"]))
 
 
 def test_switches_change_the_bank_searches_of_a_training_step(fitted: Fitted) -> None:

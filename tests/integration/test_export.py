@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from data_modules.brats import BraTSDataModule
-from pathoscope.export import export_onnx, main, read_metadata
-from pathoscope.model import PathoScope
+from pathoscope.app.export import export_onnx, main, read_metadata
+from pathoscope.checkpoint import load_model
+from pathoscope.lightning_model import PathoScope
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -42,7 +43,11 @@ def ckpt(brats_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = PathoScope(pretrained=False, pieg_steps=2, hidden_dim=64, max_anchors=256)
+        model = PathoScope(
+            network={"pretrained": False, "hidden_dim": 64},
+            pieg={"steps": 2},
+            bank={"max_anchors": 256},
+        )
         trainer = L.Trainer(
             max_steps=3,
             accelerator="cpu",
@@ -116,7 +121,7 @@ def test_export_errors(
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(SystemExit):
         main(["--ckpt_path", str(ckpt), "--format", "tflite", "--output", "m.tflite"])
-    model = PathoScope.from_checkpoint(ckpt)
-    model.hparams.score_source = "anchor_distance"
+    model = load_model(ckpt)
+    model.with_scoring(source="anchor_distance")
     with pytest.raises(ValueError, match="only discriminator checkpoints"):
         export_onnx(model, tmp_path / "a.onnx")

@@ -23,14 +23,13 @@ from PIL import Image
 from data_modules.brats import BraTSDataModule
 from data_modules.chestxray8 import ChestXray8DataModule
 from data_modules.errors import DataError
-from pathoscope.model import PathoScope
-from pathoscope.predict import (
-    CheckpointError,
-    load_model,
-    main,
-    predict_images,
-    predict_volume,
-)
+from pathoscope.app.predict.common import load_model
+from pathoscope.app.predict.images import predict_images
+from pathoscope.app.predict.run import main
+from pathoscope.app.predict.volumes import predict_volume
+from pathoscope.checkpoint import CheckpointError
+from pathoscope.lightning_model import PathoScope
+from pathoscope.torch_model import PathoScopeModel
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +37,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 
-MODEL_ARGS = dict(pretrained=False, hidden_dim=64, max_anchors=256)
+MODEL_ARGS = {"network": {"pretrained": False, "hidden_dim": 64}, "bank": {"max_anchors": 256}}
 TRAIN_STEPS = 100
 TAU = 0.5
 # Subjects of the synthetic set with a tumour in the training slice range (60..90); none is a
@@ -100,7 +99,7 @@ def ckpt(brats_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(ckpt: Path) -> PathoScope:
+def model(ckpt: Path) -> PathoScopeModel:
     return load_model(ckpt)
 
 
@@ -166,7 +165,7 @@ def test_volume_outputs_have_input_geometry(ckpt: Path, brats_root: Path, tmp_pa
     assert summary["input"] == str(src) and float(summary["score"]) == float(volume["score"])
 
 
-def test_predict_matches_the_evaluation_pipeline(model: PathoScope, brats_root: Path) -> None:
+def test_predict_matches_the_evaluation_pipeline(model: PathoScopeModel, brats_root: Path) -> None:
     """Same preprocessing as training: the maps equal the model's on the datamodule's test items."""
     dm = _datamodule(brats_root)
     dm.setup("test")
@@ -213,12 +212,12 @@ def test_predict_follows_the_checkpoints_intensity_norm(
 
 
 def test_trained_model_scores_tumour_above_normal_brain(
-    model: PathoScope, brats_root: Path
+    model: PathoScopeModel, brats_root: Path
 ) -> None:
     """Mean map in the tumour minus mean map in normal brain (scored slices, all tumour subjects)
     grows with training: above 0 and above the untrained model's difference."""
 
-    def tumour_minus_normal(m: PathoScope) -> float:
+    def tumour_minus_normal(m: PathoScopeModel) -> float:
         lesion, normal = [], []
         for subject in LESION_SUBJECTS:
             result = predict_volume(m, _flair(brats_root, subject))
@@ -233,7 +232,7 @@ def test_trained_model_scores_tumour_above_normal_brain(
     torch.manual_seed(0)  # the trained model's initial weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        untrained = PathoScope(**MODEL_ARGS).eval()
+        untrained = PathoScopeModel(**MODEL_ARGS).eval()
     untrained.preprocessing = dict(model.preprocessing)
     trained_diff, untrained_diff = tumour_minus_normal(model), tumour_minus_normal(untrained)
     assert trained_diff > 0, (trained_diff, untrained_diff)
@@ -271,7 +270,9 @@ def test_reoriented_volume_gives_the_same_map(ckpt: Path, brats_root: Path, tmp_
     assert rows["a.nii.gz"] == pytest.approx(rows["b.nii.gz"], abs=1e-6)
 
 
-def test_far_spacing_and_slices_option(model: PathoScope, brats_root: Path, tmp_path: Path) -> None:
+def test_far_spacing_and_slices_option(
+    model: PathoScopeModel, brats_root: Path, tmp_path: Path
+) -> None:
     src = nib.load(str(_flair(brats_root, TUMOUR_SUBJECTS[0])))
     data = np.asarray(src.dataobj)
     coarse = _save(data, src.affine @ np.diag([3.0, 3.0, 3.0, 1.0]), tmp_path / "c.nii.gz")
@@ -358,7 +359,10 @@ def test_bad_checkpoints(
     torch.save({}, plain)
     other_version = _variant(ckpt, tmp_path / "v99.ckpt", version=99)
     src = _flair(brats_root, TUMOUR_SUBJECTS[0])
-    for bad, message in ((plain, "plain.ckpt: not a usable"), (other_version, "found 99")):
+    for bad, message in (
+        (plain, "plain.ckpt: not a usable"),
+        (other_version, "v99.ckpt: checkpoint version 99"),
+    ):
         with pytest.raises(CheckpointError, match=message):
             load_model(bad)
         assert main(_cli(bad, src, tmp_path / "out")) == 1

@@ -22,8 +22,8 @@ import torch
 import yaml
 from integration_helpers import EXPERIMENTS, REPO, dataset_configs, tiny_overrides
 
-from pathoscope import cli, runs
-from pathoscope.paper_tables import PAPER_ROWS
+from pathoscope.app import cli, experiments, reporting
+from pathoscope.app.paper_tables import PAPER_ROWS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
 PAPER = REPO.parent / "shared" / "paper" / "pathoscope-paper.md"
@@ -43,19 +43,21 @@ def _metrics(image: float, pixel: float | None = 0.9) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- summaries
 def test_summary_statistics_by_hand() -> None:
-    s = runs.summarize("brats", "pathoscope", 2, [_metrics(0.6), _metrics(0.8), _metrics(0.7)])
+    s = reporting.summarize("brats", "pathoscope", 2, [_metrics(0.6), _metrics(0.8), _metrics(0.7)])
     stat = s["metrics"]["image_auroc"]
     assert stat["values"] == [0.6, 0.8, 0.7]
     assert stat["mean"] == pytest.approx(0.7)
     assert stat["std"] == pytest.approx(0.1)  # sample std: sqrt((0.01 + 0.01 + 0) / 2)
     assert s["metrics"]["pro"] == {"mean": 0.5, "std": 0.0, "values": [0.5, 0.5, 0.5]}
-    one = runs.summarize("chestxray8", "x", 4, [_metrics(0.5, pixel=None)])
+    one = reporting.summarize("chestxray8", "x", 4, [_metrics(0.5, pixel=None)])
     assert one["metrics"]["image_auroc"]["std"] is None  # undefined for one seed
-    row = next(ln for ln in runs.summary_markdown(one).splitlines() if ln.startswith("| x | 4 |"))
+    row = next(
+        ln for ln in reporting.summary_markdown(one).splitlines() if ln.startswith("| x | 4 |")
+    )
     assert row.startswith("| x | 4 | 50.00 | - |") and "±" not in row
     assert one["metrics"]["pixel_auroc"] == {"mean": None, "std": None, "values": [None]}
     assert {"dataset", "config", "shots", "repeats", "metrics"} <= s.keys()
-    md = runs.summary_markdown(s)
+    md = reporting.summary_markdown(s)
     assert "| pathoscope | 2 | 70.00 ± 10.00 | 90.00 ± 0.00 | 50.00 ± 0.00 | 25.00 ± 0.00 |" in md
     assert "Backbone weights: random" in md and "Checkpoint reported: last" in md
 
@@ -63,8 +65,8 @@ def test_summary_statistics_by_hand() -> None:
 def _write_summary(base: Path, config: str, shots: int, values: list[float]) -> None:
     folder = base / config / f"k{shots}"
     folder.mkdir(parents=True)
-    runs.write_summary(
-        folder, runs.summarize("brats", config, shots, [_metrics(v) for v in values])
+    reporting.write_summary(
+        folder, reporting.summarize("brats", config, shots, [_metrics(v) for v in values])
     )
 
 
@@ -77,7 +79,7 @@ def test_table_gathers_configs_and_shots_with_paper_rows(tmp_path: Path) -> None
     hidden = base / "glass_manifold" / "k2" / ".seed0.partial"
     hidden.mkdir(parents=True)
     (hidden / "summary.json").write_text("{not json")
-    markdown = runs.write_table(base)
+    markdown = reporting.write_table(base)
     lines = markdown.splitlines()
     header = next(ln for ln in lines if ln.startswith("| Method"))
     assert "Image AUROC K=2 | Image AUROC K=4 | Pixel AUROC K=2" in header
@@ -129,10 +131,12 @@ def test_a_failed_run_leaves_nothing_behind(
     runs_root = tmp_path / "runs"
     tiny = [a for a in tiny_overrides("brats", brats_root) if not a.startswith("--data.root")]
     with pytest.raises(RuntimeError, match="interrupted"):
-        runs.train("brats", 2, 1, data_root=str(brats_root), runs_root=runs_root, overrides=tiny)
+        experiments.train(
+            "brats", 2, 1, data_root=str(brats_root), runs_root=runs_root, overrides=tiny
+        )
     base = runs_root / "brats" / "pathoscope" / "k2"
     assert list(base.iterdir()) == []  # no seed0, no .seed0.partial, no summary
-    assert runs.load_summaries(runs_root) == []
+    assert reporting.load_summaries(runs_root) == []
 
 
 # ------------------------------------------------------------------------------- grid + sweep
@@ -141,18 +145,18 @@ def test_grid_writes_table_and_plot(brats_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid"
     tiny = tiny_overrides("brats", brats_root, max_steps=1)
     args = ["grid", "--config", str(EXPERIMENTS / "brats.yaml"), "--out", str(out)]
-    args += ["--param", "model.eta=0.005,0.05", "--shots", "2", *tiny]
+    args += ["--param", "model.pieg.eta=0.005,0.05", "--shots", "2", *tiny]
     assert cli.main(args) == 0
     for value in ("0.005", "0.05"):
-        folder = out / f"model.eta={value}" / "k2"
+        folder = out / f"model.pieg.eta={value}" / "k2"
         config = yaml.safe_load((folder / "seed0" / "config.yaml").read_text())
-        assert config["model"]["eta"] == float(value)
+        assert config["model"]["pieg"]["eta"] == float(value)
         summary = json.loads((folder / "summary.json").read_text())
-        assert summary["params"] == {"model.eta": value}
+        assert summary["params"] == {"model.pieg.eta": value}
     table = (out / "grid.md").read_text().splitlines()
-    assert table[0].startswith("| model.eta | Image AUROC K=2 |")
+    assert table[0].startswith("| model.pieg.eta | Image AUROC K=2 |")
     assert table[2].startswith("| 0.005 |") and table[3].startswith("| 0.05 |")
-    png = out / "grid_model.eta.png"
+    png = out / "grid_model.pieg.eta.png"
     assert png.is_file() and png.stat().st_size > 1000
 
 
@@ -187,10 +191,10 @@ def test_sweep_command_line_runs_one_configuration_offline(
     assert cli.main([*argv, "--out", str(tmp_path / "sweeps")]) == 0
     assert os.environ["WANDB_MODE"] == "offline"  # never online unless asked
     (folder,) = (tmp_path / "sweeps" / "brats+tiny").iterdir()
-    assert folder.name == "data.shots=2,model.eta=0.005"
+    assert folder.name == "data.shots=2,model.pieg.eta=0.005"
     run = folder / "seed0"
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["model"]["eta"] == 0.005 and config["data"]["init_args"]["shots"] == 2
+    assert config["model"]["pieg"]["eta"] == 0.005 and config["data"]["init_args"]["shots"] == 2
     assert config["data"]["init_args"]["image_size"] == 64
     logger = config["trainer"]["logger"]
     assert logger["class_path"].endswith("WandbLogger")
@@ -278,7 +282,7 @@ def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(
         assert proc.returncode == 0, proc.stderr[-3000:]
     with_ddp = json.loads((folder / "metrics.json").read_text())
     ckpt = torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2 and math.isfinite(float(ckpt["state_dict"]["tau"]))
+    assert ckpt["global_step"] == 2 and math.isfinite(float(ckpt["state_dict"]["model.tau"]))
     # 9 test items on 2 ranks: DistributedSampler pads to 10; the duplicate is removed.
     index = np.load(folder / "predictions.npz")["index"]
     assert sorted(index.tolist()) == list(range(9))

@@ -1,4 +1,4 @@
-"""pathoscope.bench (`make bench`) machinery at tiny sizes, and the speed-only parts of the shipped
+"""pathoscope.app.bench (`make bench`) machinery at tiny sizes, and the speed-only parts of the shipped
 inference path (BatchNorm folded into the backbone's convolutions, upsample + blur as matrices).
 No timing is asserted: only counts, orders, bookkeeping and exactness."""
 
@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathoscope import bench
-from pathoscope.bench import Sizes, Timers, count_gmac, interleaved, median_spread, paired_ratios
-from pathoscope.inference import FoldedDetector, fuse_conv_bn, inference_backbone
-from pathoscope.model import GaussianBlur, PathoScope
+from pathoscope.app.bench import common, rss, run
+from pathoscope.app.bench.common import Sizes, Timers, interleaved, median_spread, paired_ratios
+from pathoscope.app.bench.flops import count_gmac
+from pathoscope.folded import FoldedDetector, fuse_conv_bn, inference_backbone
+from pathoscope.hparams import NetworkParams
+from pathoscope.postprocess import GaussianBlur
+from pathoscope.torch_model import PathoScopeModel
 
 TINY = Sizes(
     image_size=64,
@@ -37,10 +40,10 @@ TINY = Sizes(
 )
 
 
-def _model(**kw: object) -> PathoScope:
+def _model() -> PathoScopeModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return PathoScope(pretrained=False, hidden_dim=32, **kw)
+        return PathoScopeModel(NetworkParams(pretrained=False, hidden_dim=32))
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -89,13 +92,13 @@ def test_rss_helpers_see_a_new_allocation() -> None:
     # A fresh anonymous mapping, every page written: resident whatever the allocator has cached
     # (a torch tensor here may reuse pages freed by earlier tests and leave RSS unchanged).
     size = 64 * 2**20
-    with bench.RssSampler(interval=0.001) as rss:
+    with common.RssSampler(interval=0.001) as rss:
         block = mmap.mmap(-1, size)
         block.write(b"\x01" * size)
     if rss.increase_mb is None:  # no /proc: not Linux
         pytest.skip("RSS sampling needs /proc/self/statm")
     assert rss.increase_mb >= 48.0
-    assert bench.peak_rss_mb() >= rss.peak_mb - 1.0
+    assert common.peak_rss_mb() >= rss.peak_mb - 1.0
     block.close()
 
 
@@ -157,7 +160,7 @@ def test_upsample_blur_applies_an_unknown_blur_module_as_is() -> None:
 
 @pytest.mark.slow
 def test_bench_sections_at_tiny_sizes(brats_root: Path) -> None:
-    result = bench.run(TINY, ("flops", "infer", "coreset", "train"), str(brats_root))
+    result = run.run(TINY, ("flops", "infer", "coreset", "train"), str(brats_root))
     rows = {r["key"]: r for r in result["rows"]}
     for key in ("1a", "1b", "1c", "2a", "2b", "2c", "3a", "3b", "3c", "3d", "4a", "4b", "4c"):
         assert key in rows, key
@@ -194,7 +197,7 @@ def test_bench_sections_at_tiny_sizes(brats_root: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["train", "test"])
 def test_rss_child_runs_in_process(brats_root: Path, kind: str) -> None:
-    out = bench.child_main(kind, brats_root, TINY)
+    out = rss.child_main(kind, brats_root, TINY)
     assert out["peak_rss_mib"] >= out["rss_after_imports_mib"] > 0
     if kind == "train":
         assert out["steps"] == TINY.rss_train_steps and out["anchors"] == TINY.anchors
@@ -206,7 +209,7 @@ def test_main_writes_bench_json(
     brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "bench.json"
-    code = bench.main(
+    code = run.main(
         ["--quick", "--only", "flops", "--data-root", str(brats_root), "--out", str(out)]
     )
     assert code == 0

@@ -28,11 +28,11 @@ from pathoscope.metrics import best_dice, image_auroc, pixel_auroc, pro_score
 
 
 class FakeModule:
-    """What AnomalyMetrics needs of a LightningModule: tau buffer, hparams, log_dict."""
+    """What AnomalyMetrics needs of a LightningModule: tau buffer, tau_quantile, log_dict."""
 
     def __init__(self, tau_quantile: float = 0.95, tau: float = float("nan")) -> None:
         self.tau = torch.tensor(tau)
-        self.hparams = SimpleNamespace(tau_quantile=tau_quantile)
+        self.tau_quantile = tau_quantile
         self.weights_tag = "random"
         self.logged: dict[str, float] = {}
 

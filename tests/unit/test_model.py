@@ -1,4 +1,5 @@
-"""PathoScope LightningModule: training wiring, checkpoints, folded inference."""
+"""PathoScope (LightningModule) and PathoScopeModel (torch): training wiring, checkpoints, folded
+inference, hyperparameter groups."""
 
 from __future__ import annotations
 
@@ -10,16 +11,26 @@ import pytest
 import torch
 
 from data_modules.brats import BraTSDataModule
-from pathoscope.inference import FoldedDetector
-from pathoscope.model import GaussianBlur, JointOptimizer, PathoScope, image_score
+from pathoscope.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_model
+from pathoscope.folded import FoldedDetector
+from pathoscope.hparams import PiEGParams
+from pathoscope.joint_optimizer import JointOptimizer
+from pathoscope.lightning_model import PathoScope
+from pathoscope.postprocess import GaussianBlur, image_score
 
-FAST = dict(pretrained=False, pieg_steps=2, hidden_dim=64, max_anchors=256, bank_copies=1)
+FAST = {
+    "network": {"pretrained": False, "hidden_dim": 64},
+    "pieg": {"steps": 2},
+    "bank": {"max_anchors": 256, "copies": 1},
+}
 
 
-def _model(**kw: object) -> PathoScope:
+def _model(**groups: dict) -> PathoScope:
+    """FAST, with each group's fields updated by `groups` (e.g. pieg={"eta": 0.05})."""
+    merged = {g: {**FAST.get(g, {}), **groups.get(g, {})} for g in {*FAST, *groups}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return PathoScope(**{**FAST, **kw})
+        return PathoScope(**merged)
 
 
 def _datamodule(root: Path, **kw: object) -> BraTSDataModule:
@@ -49,7 +60,7 @@ def fitted(
     L.seed_everything(0)
     tmp = tmp_path_factory.mktemp("fit")
     model = _model()
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    before = {k: v.clone() for k, v in model.model.backbone.state_dict().items()}
     trainer = _trainer(tmp, max_steps=3)
     trainer.fit(model, _datamodule(brats_root))
     ckpt = tmp / "model.ckpt"
@@ -64,18 +75,18 @@ def test_global_step_counts_batches(fitted: tuple) -> None:
 
 def test_backbone_unchanged_by_training(fitted: tuple) -> None:
     model, _, info = fitted
-    after = model.backbone.state_dict()
+    after = model.model.backbone.state_dict()
     assert set(after) == set(info["before"])
     for k, v in info["before"].items():
         assert torch.equal(after[k], v), k
-    assert model.bank.built and len(model.bank) <= 256
+    assert model.model.bank.built and len(model.model.bank) <= 256
 
 
 def test_checkpoint_round_trip_reproduces_maps(fitted: tuple, brats_root: Path) -> None:
     model, ckpt, _ = fitted
     loaded = PathoScope.from_checkpoint(ckpt)
-    assert torch.equal(loaded.bank.anchors, model.bank.anchors)
-    assert float(loaded.bank.distance_scale) == float(model.bank.distance_scale)
+    assert torch.equal(loaded.model.bank.anchors, model.model.bank.anchors)
+    assert float(loaded.model.bank.distance_scale) == float(model.model.bank.distance_scale)
     assert loaded.preprocessing["dataset"] == "brats" and loaded.preprocessing["image_size"] == 64
     assert loaded.weights_tag == "random"
     batch = next(iter(_datamodule(brats_root).test_dataloader()))
@@ -86,31 +97,74 @@ def test_checkpoint_round_trip_reproduces_maps(fitted: tuple, brats_root: Path) 
     assert torch.equal(a.anomaly_map, b.anomaly_map)
     assert torch.equal(a.score, b.score)
     # The anchor-distance score also survives the round trip (the FAISS index is rebuilt).
-    loaded.hparams.score_source = model.hparams.score_source = "anchor_distance"
+    loaded.model.with_scoring(source="anchor_distance")
+    model.model.with_scoring(source="anchor_distance")
     with torch.no_grad():
         assert torch.equal(model(batch["image"]).anomaly_map, loaded(batch["image"]).anomaly_map)
-    model.hparams.score_source = "discriminator"
+    model.model.with_scoring(source="discriminator")
 
 
-def test_checkpoint_of_another_kind_is_refused(tmp_path: Path, fitted: tuple) -> None:
+def test_torch_model_loads_without_a_trainer(fitted: tuple, brats_root: Path) -> None:
+    """predict and export build from the torch model of a checkpoint: same maps, tau, metadata."""
+    model, ckpt, _ = fitted
+    torch_model = load_model(ckpt)
+    assert not isinstance(torch_model, L.LightningModule)
+    assert torch_model.preprocessing == model.preprocessing and torch_model.weights_tag == "random"
+    assert torch_model.hp.pieg == model.model.hp.pieg and torch_model.hp.bank == model.model.hp.bank
+    assert not torch_model.hp.network.pretrained  # the weights come from the checkpoint
+    assert torch.equal(torch_model.tau.isnan(), model.tau.isnan())
+    batch = next(iter(_datamodule(brats_root).test_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        a = model(batch["image"], batch["foreground"])
+        b = torch_model(batch["image"], batch["foreground"])
+    assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.score, b.score)
+
+
+def test_checkpoint_stores_plain_grouped_hyperparameters(fitted: tuple) -> None:
+    _, ckpt, _ = fitted
+    data = torch.load(ckpt, weights_only=True)  # plain data only: no pickled classes
+    hparams = data["hyper_parameters"]
+    assert set(hparams) == {"network", "pieg", "losses", "bank", "scoring", "optim"}
+    assert hparams["pieg"]["steps"] == 2 and hparams["pieg"]["direction"] == "descent"
+    assert data["pathoscope"]["version"] == CHECKPOINT_VERSION == 2
+    assert "model.bank.anchors" in data["state_dict"] and "model.tau" in data["state_dict"]
+
+
+@pytest.mark.parametrize("version", [1, 999])
+def test_checkpoint_of_another_version_is_refused_naming_file_and_versions(
+    tmp_path: Path, fitted: tuple, version: int
+) -> None:
     _, ckpt, _ = fitted
     data = torch.load(ckpt, weights_only=False)
-    data["pathoscope"]["version"] = 999
-    bad = tmp_path / "bad.ckpt"
+    data["pathoscope"]["version"] = version
+    bad = tmp_path / "old.ckpt"
     torch.save(data, bad)
-    with pytest.raises(ValueError, match="version"):
-        PathoScope.from_checkpoint(bad)
+    for load in (PathoScope.from_checkpoint, PathoScope.load_from_checkpoint, load_model):
+        with pytest.raises(CheckpointError) as info:
+            load(bad)
+        message = str(info.value)
+        assert str(bad) in message
+        assert f"version {version}" in message and f"version {CHECKPOINT_VERSION}" in message
+
+
+def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(CheckpointError, match="x.ckpt: not a usable PathoSCOPE checkpoint"):
+        load_model(bad)
 
 
 def test_folded_inference_equals_model(fitted: tuple) -> None:
     model, _, _ = fitted
     model.eval()
+    net = model.model
     with (
         torch.no_grad()
     ):  # a non-identity adapter and non-trivial BatchNorm make folding non-trivial
-        model.adapter.linear.weight.add_(0.01 * torch.randn_like(model.adapter.linear.weight))
-        model.discriminator.bn.running_mean.add_(0.3)
-        folded = FoldedDetector.from_model(model)
+        net.adapter.linear.weight.add_(0.01 * torch.randn_like(net.adapter.linear.weight))
+        net.discriminator.bn.running_mean.add_(0.3)
+        folded = FoldedDetector.from_model(net)
         x = torch.randn(3, 3, 64, 96)
         fg = torch.rand(3, 1, 64, 96) > 0.4
         ref = model(x, fg)
@@ -128,7 +182,7 @@ def test_loss_is_sum_of_enabled_terms(brats_root: Path) -> None:
         ({"use_local_contrast": False}, {"focal", "bce_n", "bce_s", "gc"}),
         ({"use_global_contrast": False, "use_local_contrast": False}, {"focal", "bce_n", "bce_s"}),
     ]:
-        model = _model(**switches)
+        model = _model(losses=switches).model
         anchors = dm.anchor_images(copies=1)
         model.build_bank(anchors["image"], n_bank_images=2)
         out = model.training_losses(batch)
@@ -187,7 +241,7 @@ def test_pieg_units_scale_the_step(brats_root: Path, units: str) -> None:
     L.seed_everything(0)
     dm = _datamodule(brats_root)
     batch = next(iter(dm.train_dataloader()))
-    model = _model(pieg_units=units, eta=0.05, pieg_steps=1, noise_std=0.0)
+    model = _model(pieg={"units": units, "eta": 0.05, "steps": 1, "noise_std": 0.0}).model
     model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
     scale = float(model.bank.distance_scale)
     assert scale > 0.0 and abs(scale - 1.0) > 0.1  # the two units must differ here
@@ -196,10 +250,19 @@ def test_pieg_units_scale_the_step(brats_root: Path, units: str) -> None:
     assert shift == pytest.approx(expected, rel=1e-4)
 
 
-def test_pieg_units_rejects_unknown(brats_root: Path) -> None:
-    model = _model(pieg_units="pixels")
-    with pytest.raises(ValueError, match="pieg_units"):
-        model.pieg_unit()
+def test_pieg_units_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="pieg.units"):
+        PiEGParams(units="pixels")
+    with pytest.raises(ValueError, match="pieg.units"):
+        _model(pieg={"units": "pixels"})
+
+
+def test_groups_accept_mappings_and_refuse_unknown_keys() -> None:
+    model = _model(pieg={"eta": 0.05}, scoring={"tau_quantile": 0.9})
+    assert model.model.hp.pieg == PiEGParams(eta=0.05, steps=2)
+    assert model.tau_quantile == 0.9 and model.hparams["pieg"]["eta"] == 0.05
+    with pytest.raises(ValueError, match="unknown key"):
+        _model(pieg={"pieg_eta": 0.05})
 
 
 def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tuple) -> None:
@@ -211,7 +274,7 @@ def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tup
     x = torch.randn(2, 3, 64, 64)
     fg = torch.rand(2, 1, 64, 64) > 0.3
     with torch.no_grad():
-        model.discriminator.fc2.bias.add_(0.5)  # weights after the previous epoch's training
+        model.model.discriminator.fc2.bias.add_(0.5)  # weights after the previous epoch's training
         model.on_validation_epoch_start()
         assert model.__dict__.get("_folded") is not None
         out = model.validation_step({"image": x, "foreground": fg}, 0)
@@ -224,14 +287,14 @@ def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tup
 
 
 @pytest.mark.parametrize(
-    ("kw", "expected"), [({}, "descent"), ({"pieg_direction": "ascent"}, "ascent")]
+    ("pieg", "expected"), [({}, "descent"), ({"direction": "ascent"}, "ascent")]
 )
 def test_pieg_direction_reaches_pieg(
-    brats_root: Path, monkeypatch: pytest.MonkeyPatch, kw: dict, expected: str
+    brats_root: Path, monkeypatch: pytest.MonkeyPatch, pieg: dict, expected: str
 ) -> None:
     """The model's PiEG goes downhill by default (GPEs leave the normal anchors, the paper's text);
-    `pieg_direction="ascent"` (Eq. 3's printed sign, the GLASS baselines) is passed through."""
-    import pathoscope.model as model_module
+    `pieg.direction="ascent"` (Eq. 3's printed sign, the GLASS baselines) is passed through."""
+    import pathoscope.torch_model as model_module
 
     seen: list[str] = []
     real = model_module.pieg
@@ -243,7 +306,7 @@ def test_pieg_direction_reaches_pieg(
     monkeypatch.setattr(model_module, "pieg", spy)
     L.seed_everything(0)
     dm = _datamodule(brats_root)
-    model = _model(**kw)
+    model = _model(pieg=pieg).model
     model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
     model.training_losses(next(iter(dm.train_dataloader())))
     assert seen == [expected]

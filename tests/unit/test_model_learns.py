@@ -1,11 +1,11 @@
-"""Issue 2's learning check: on a toy whose anomalies differ by structure, not mean intensity, the
+"""The learning check: on a toy whose anomalies differ by structure, not mean intensity, the
 trained discriminator's map finds them (pixel AUROC > 0.9) and beats the untrained one by >= 0.2.
 
 The toy (`data_modules.synthetic.toy_texture_images`, kind "stripes"): horizontal grey stripes;
 anomalies are patches of the same stripes turned by 90 degrees, so brightness gives nothing away.
 Training sees only normal images and the project's own synthetic lesions (no toy anomaly), with the
 random backbone (no weights offline), 60 steps at 64 px, without a Trainer. Seeds 1-3 give 0.91-0.96
-(scripts/toy_learning.py prints them); with `pieg_direction="ascent"` D stays below chance here.
+(scripts/toy_learning.py prints them); with `pieg.direction="ascent"` D stays below chance here.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 from data_modules.anomaly_synthesis import LesionSynthesizer
 from data_modules.synthetic import toy_tensors, toy_texture_images, toy_training_batch
+from pathoscope.lightning_model import PathoScope
 from pathoscope.metrics import pixel_auroc
-from pathoscope.model import PathoScope
 
 SIZE, BATCH, STEPS = 64, 4, 60
 
@@ -36,7 +36,8 @@ def test_trained_discriminator_finds_structural_anomalies() -> None:
     rng = np.random.default_rng(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = PathoScope(pretrained=False, hidden_dim=256, pieg_steps=5)
+        module = PathoScope(network={"pretrained": False, "hidden_dim": 256}, pieg={"steps": 5})
+    model = module.model
     bank_images, _ = toy_texture_images(rng, 10, "stripes", size=SIZE)
     model.build_bank(toy_tensors(bank_images), n_bank_images=8)  # 2 held out: distance_scale
 
@@ -49,7 +50,7 @@ def test_trained_discriminator_finds_structural_anomalies() -> None:
     untrained = map_auroc()
     model.train()
     model.backbone.eval()
-    optimizer = model.configure_optimizers()
+    optimizer = module.configure_optimizers()
     synthesizer = LesionSynthesizer()
     for _ in range(STEPS):
         batch = toy_training_batch(rng, BATCH, "stripes", SIZE, synthesizer)

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data_modules import anatomy
-from data_modules.anatomy import mass_effect_shift, write_brats_anatomy
 from data_modules.brats import BraTSDataModule
 from data_modules.errors import DataError
-from data_modules.synthetic import BRATS_DIRNAME, MISNAMED_SEG, make_demo_data
+from data_modules.synthetic import BRATS_DIRNAME, MISNAMED_SEG, anatomy, make_demo_data
+from data_modules.synthetic.anatomy import mass_effect_shift, write_brats_anatomy
 
 if importlib.util.find_spec("nilearn") is None:  # the template ships with it (never imported)
     pytest.skip("nilearn is not installed", allow_module_level=True)

@@ -14,12 +14,12 @@ from data_modules.errors import DataError
 from data_modules.synthetic import (
     BRATS_DIRNAME,
     MISNAMED_SEG,
-    _chest_image,
     make_demo_data,
     smooth_noise,
     write_brats,
     write_chestxray8,
 )
+from data_modules.synthetic.chestxray8 import _chest_image
 
 MODS = ("flair", "t1", "t1ce", "t2")
 

@@ -1,6 +1,6 @@
 """The paper's own numbers (percent), as reference rows for `pathoscope table`.
 
-Transcribed from the PathoSCOPE paper (paper/pathoscope-paper.md), only the rows whose labels
+Transcribed from the PathoSCOPE paper (Chin et al.), only the rows whose labels
 and values read unambiguously:
 * Table 1 (BraTS2020): every method, Image AUROC / Pixel AUROC / PRO / Dice for K = 2, 4, 6, 8
   ("-" in the paper = None).

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 
 from data_modules.errors import DataError
-from pathoscope.inference import FoldedDetector
-from pathoscope.model import CHECKPOINT_VERSION, PathoScope
-from pathoscope.predict import CheckpointError, load_model, model_tau
+from pathoscope.app.predict.common import load_model
+from pathoscope.checkpoint import CHECKPOINT_VERSION, CheckpointError
+from pathoscope.folded import FoldedDetector
+from pathoscope.postprocess import tau_value
+from pathoscope.torch_model import PathoScopeModel
 
 METADATA_KEY = "pathoscope"
 INPUT_NAMES = ("image", "foreground")
@@ -36,13 +38,13 @@ OUTPUT_NAMES = ("score", "anomaly_map")
 FORMATS = ("onnx",)
 
 
-def export_metadata(model: PathoScope) -> dict[str, Any]:
+def export_metadata(model: PathoScopeModel) -> dict[str, Any]:
     """What a runtime needs besides the graph: preprocessing, tau and the I/O description."""
     size = int(model.preprocessing["image_size"])
     return {
         "checkpoint_version": CHECKPOINT_VERSION,
         "preprocessing": model.preprocessing,
-        "tau": model_tau(model),
+        "tau": tau_value(model.tau),
         "image_size": size,
         "weights": model.weights_tag,
         "inputs": {
@@ -56,13 +58,13 @@ def export_metadata(model: PathoScope) -> dict[str, Any]:
     }
 
 
-def export_onnx(model: PathoScope, out: str | Path, opset: int | None = None) -> Path:
+def export_onnx(model: PathoScopeModel, out: str | Path, opset: int | None = None) -> Path:
     """Write the folded graph of `model` to `out` (one self-contained .onnx file); returns it."""
     import onnx
 
-    if model.hparams.score_source != "discriminator":
+    if model.hp.scoring.source != "discriminator":
         raise CheckpointError(
-            f"score_source={model.hparams.score_source!r} needs the anchor bank's nearest "
+            f"scoring.source={model.hp.scoring.source!r} needs the anchor bank's nearest "
             "neighbour search, which is not exported: only discriminator checkpoints can be "
             "exported"
         )

@@ -1,8 +1,8 @@
-"""The shipped inference path: adapter and BatchNorm folded exactly into D's first layer.
+"""The folded detector, the shipped inference path: adapter and BatchNorm folded into D's first layer.
 
 At inference the adapter (linear) and BatchNorm (fixed statistics) are affine maps, so
 fc1(BN(adapter(e))) is one linear map: 2.24 instead of 2.39 GMAC per 256x256 image. The rest is
-the same computation as `PathoScope.forward`, arranged for speed (see `make bench`):
+the same computation as `PathoScopeModel.forward`, arranged for speed (see `make bench`):
   - the backbone is a copy with each convolution's BatchNorm folded into it, in channels_last
     (the input is converted once), which oneDNN's convolutions run fastest on CPU;
   - the heads are two matrix products on the (B*h*w, C) view of the channels_last features;
@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pathoscope.backbone import Backbone
 from pathoscope.heads import Adapter, Discriminator
-from pathoscope.model import GaussianBlur
+from pathoscope.postprocess import GaussianBlur, image_score
 
 CHANNELS_LAST = torch.channels_last
 
@@ -94,7 +94,7 @@ def _device_of(module: nn.Module) -> torch.device:
 class FoldedDetector(nn.Module):
     """Image (B, 3, H, W) [+ foreground (B, 1, H, W)] -> (score (B,), anomaly_map (B, 1, H, W)).
 
-    Same maps as `PathoScope.forward` in eval mode (within float rounding), fewer operations.
+    Same maps as `PathoScopeModel.forward` in eval mode (within float rounding), fewer operations.
     Holds its own (folded, channels_last) copy of the backbone; the model is left untouched.
     """
 
@@ -113,7 +113,8 @@ class FoldedDetector(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> FoldedDetector:
-        if getattr(model.hparams, "score_source", "discriminator") != "discriminator":
+        """The folded detector of a `PathoScopeModel`'s current weights (built without a Trainer)."""
+        if model.hp.scoring.source != "discriminator":
             raise ValueError("FoldedDetector: only the discriminator score can be folded")
         return cls(model.backbone, model.adapter, model.discriminator, model.blur)
 
@@ -126,7 +127,7 @@ class FoldedDetector(nn.Module):
         return torch.sigmoid(self.head2(hidden)).view(b, h, w)
 
     def upsample_blur(self, s: Tensor, size: tuple[int, int]) -> Tensor:
-        """s (B, h, w) -> blur(bilinear upsample(s)) (B, 1, H, W), as `PathoScope.forward` does."""
+        """s (B, h, w) -> blur(bilinear upsample(s)) (B, 1, H, W), as `postprocess.anomaly_map`."""
         if not isinstance(self.blur, GaussianBlur | nn.Identity):  # unknown blur: apply it as is
             up = F.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)
             return self.blur(up)
@@ -144,11 +145,15 @@ class FoldedDetector(nn.Module):
     def forward(self, x: Tensor, foreground: Tensor | None = None) -> tuple[Tensor, Tensor]:
         s = self.patch_scores(x)  # (B, h, w)
         m = self.upsample_blur(s, (x.shape[-2], x.shape[-1]))  # (B, 1, H, W)
-        flat = m.flatten(1)
-        if foreground is None:
-            score = flat.amax(1)
-        else:
-            fg = foreground.flatten(1) > 0
-            fg = fg | ~fg.any(1, keepdim=True)
-            score = flat.masked_fill(~fg, float("-inf")).amax(1)
-        return score, m
+        return image_score(m, foreground), m
+
+
+def inference_net(model: nn.Module) -> nn.Module:
+    """The fastest exact inference path of a `PathoScopeModel`: its folded detector when it scores
+    with D, else the model itself (the anchor-distance score needs the bank's search).
+
+    Both map (image (B, 3, S, S), foreground (B, 1, S, S)) -> (score (B,), anomaly_map (B, 1, S, S)).
+    """
+    if model.hp.scoring.source == "discriminator":
+        return FoldedDetector.from_model(model).eval()
+    return model.eval()

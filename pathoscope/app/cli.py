@@ -1,9 +1,10 @@
 """The `pathoscope` command.
 
-`pathoscope fit|validate|test ...` is a LightningCLI (`PathoScopeCLI`): `--config
-experiments/X.yaml` (repeatable: later files override earlier ones), any key overridable
-(`--model.eta 0.02`, `--data.shots 4`, `--trainer.max_steps 100`). The other verbs belong to the
-front parser here, each with its own `--help`:
+`pathoscope fit|validate|test ...` is a LightningCLI (`PathoScopeCLI`, app/lightning_cli.py):
+experiments/defaults.yaml, then `--config experiments/X.yaml` (repeatable: later files override
+earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
+`--trainer.max_steps 100`). The other verbs belong to the front parser here, each with its own
+`--help`:
 
   train           fit + test seeds 0..N-1 of one dataset / config / K, then summary.json + .md
   table           gather every config and K under a runs folder into one Markdown table + CSV
@@ -11,7 +12,7 @@ front parser here, each with its own `--help`:
   sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
   make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
-  predict, export, bench  (their own modules: pathoscope.predict, .export, .bench)
+  predict, export, bench  (their own modules: pathoscope.app.predict.run, .export, .bench.run)
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
 line on stderr and exit status 2, never a traceback.
@@ -24,14 +25,13 @@ import importlib
 import importlib.util
 import os
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser as JsonArgumentParser
 
-FIT_VERBS = ("fit", "validate", "test")
+FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
 EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
 
 _HELP = """\
@@ -47,7 +47,7 @@ LightningCLI verbs (--config experiments/X.yaml, any key overridable):
 Experiment verbs:
   train           fit + test seeds 0..N-1 into runs/<dataset>/<config>/k<K>/, then summary
   table           one Markdown table + CSV of every config and K under a runs folder
-  grid            local parameter grid (--param model.eta=0.01,0.05): table + plots
+  grid            local parameter grid (--param model.pieg.eta=0.01,0.05): table + plots
   sweep-run       one fit + test of a W&B sweep configuration (used by experiments/sweeps/)
 
 Other verbs:
@@ -68,98 +68,9 @@ def _error_types() -> tuple[type[BaseException], ...]:
 
 
 # ------------------------------------------------------------------------------- LightningCLI
-def _lightning_cli_class() -> type:
-    """PathoScopeCLI, built on first use so that `pathoscope --help` does not import torch."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-    from callbacks.metrics import AnomalyMetrics
-    from data_modules.common import FewShotDataModule
-    from pathoscope.model import PathoScope
-    from pathoscope.runs import LAST_CHECKPOINT, FinalValidation, TrainSamplerEpoch, finish_fit
-
-    class PathoScopeCLI(LightningCLI):
-        """LightningCLI for PathoScope and the few-shot data modules.
-
-        * `--data` is any FewShotDataModule (`data_modules.brats.BraTSDataModule`,
-          `data_modules.chestxray8.ChestXray8DataModule`) given by `class_path`.
-        * `--metrics.*`: the AnomalyMetrics callback, always present (validation sets tau; test
-          writes metrics.json into `--metrics.output_dir`, default the trainer's log_dir).
-        * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no
-          selection on any score), rewritten at every epoch end. Resuming after an interruption:
-          the same command with `--checkpoint.dirpath DIR --ckpt_path last`.
-        * After `fit`, validation runs once more if the last one was before the final step (e.g.
-          max_steps not a multiple of steps_per_epoch, or max_steps 0 for anchor_knn), so that tau
-          always belongs to the final model, and last.ckpt is rewritten with it.
-        * `validate` / `test` with a checkpoint file build the model without loading backbone
-          weights from anywhere: the checkpoint holds them.
-        """
-
-        def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
-            self.final_validation = FinalValidation()
-            callbacks = [self.final_validation, TrainSamplerEpoch()]
-            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-            super().__init__(
-                PathoScope,
-                FewShotDataModule,
-                subclass_mode_data=True,
-                args=list(args) if args is not None else None,
-                run=run,
-                trainer_defaults={"callbacks": callbacks},
-                parser_kwargs={
-                    "exit_on_error": False,
-                    **{verb: {"exit_on_error": False} for verb in FIT_VERBS},
-                },
-                **kwargs,
-            )
-
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_lightning_class_args(AnomalyMetrics, "metrics")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            # One file, last.ckpt, rewritten after every validation (each epoch end): Lightning
-            # 2.6 writes `save_last` files only when a top-k file is written, so the newest
-            # checkpoint itself is named "last" (what --ckpt_path last finds).
-            parser.set_defaults(
-                {
-                    "checkpoint.filename": LAST_CHECKPOINT,
-                    "checkpoint.save_top_k": 1,
-                    "checkpoint.save_last": False,
-                    "checkpoint.enable_version_counter": False,
-                }
-            )
-
-        def before_instantiate_classes(self) -> None:
-            config = self.config.get(str(self.subcommand), self.config)
-            ckpt_path = config.get("ckpt_path")
-            if self.subcommand in ("validate", "test") and ckpt_path and Path(ckpt_path).is_file():
-                # The checkpoint carries the backbone weights: never fetch or read them again.
-                config["model"]["pretrained"] = False
-                config["model"]["weights"] = None
-                self._checkpoint_backbone = True
-
-        def instantiate_classes(self) -> None:
-            with warnings.catch_warnings():
-                if getattr(self, "_checkpoint_backbone", False):
-                    warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
-                super().instantiate_classes()
-
-        def after_fit(self) -> None:
-            finish_fit(self.trainer, self.model, self.datamodule, self.final_validation)
-
-    return PathoScopeCLI
-
-
-def lightning_cli(args: Sequence[str] | None, run: bool = True, **kwargs: Any) -> Any:
-    """Build (and with run=True, run) PathoScopeCLI on `args` (the verb first when run=True)."""
-    cls = _lightning_cli_class()
-    with warnings.catch_warnings():
-        # `args` is always given (main's argv, or the run's own): the mix-up this warns about
-        # cannot happen here.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return cls(args=args, run=run, **kwargs)
-
-
 def _run_lightning(argv: list[str]) -> int:
+    from pathoscope.app.lightning_cli import lightning_cli  # lazy: torch and Lightning are slow
+
     lightning_cli(argv, run=True)
     return 0
 
@@ -167,7 +78,10 @@ def _run_lightning(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------- front verbs
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dataset", required=True, help="demo | brats | chestxray8 (demo = synthetic BraTS)"
+        "--dataset",
+        required=True,
+        help="a choice of experiments/datasets.yaml: demo | brats | chestxray8 (demo = synthetic "
+        "BraTS)",
     )
     p.add_argument("--shots", type=int, default=2, help="K, the training subjects (default 2)")
     p.add_argument("--repeats", type=int, default=1, help="seeds 0..N-1 (default 1)")
@@ -181,7 +95,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-root",
         default=None,
-        help="dataset folder (demo: data/demo/brats, written if missing)",
+        help="dataset folder (default: the choice's data_root in experiments/datasets.yaml; the "
+        "demo's, data/demo/brats, is written if missing)",
     )
     p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
     p.add_argument("--runs", default="runs", help="runs root folder (default runs)")
@@ -189,9 +104,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathoscope import runs
+    from pathoscope.app.experiments import train
 
-    base = runs.train(
+    base = train(
         dataset=args.dataset,
         shots=args.shots,
         repeats=args.repeats,
@@ -207,29 +122,30 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_table(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathoscope import runs
+    from pathoscope.app.reporting import write_table
 
     _no_extra(extra, "table")
-    markdown = runs.write_table(Path(args.runs), paper=not args.no_paper)
+    markdown = write_table(Path(args.runs), paper=not args.no_paper)
     print(markdown)
     return 0
 
 
 def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathoscope import runs
+    from pathoscope.app.configs import config_files, dataset_root
+    from pathoscope.app.experiments import grid, parse_int_list
 
     configs, data_root = args.config, args.data_root
     if args.dataset is not None:  # the dataset's YAMLs (+ --config-name), as `train` uses them
         if configs:
             raise ValueError("give either --dataset (with --config-name) or --config files")
-        configs = [str(p) for p in runs.config_files(args.dataset, args.config_name)]
-        data_root = str(runs.dataset_root(args.dataset, data_root))
+        configs = [str(p) for p in config_files(args.dataset, args.config_name)]
+        data_root = str(dataset_root(args.dataset, data_root))
     elif not configs:
         raise ValueError("give --dataset (with --config-name) or --config files")
-    out = runs.grid(
+    out = grid(
         configs=configs,
         params=args.param,
-        shots=runs.parse_int_list(args.shots, "--shots"),
+        shots=parse_int_list(args.shots, "--shots"),
         repeats=args.repeats,
         out=Path(args.out),
         data_root=data_root,
@@ -242,9 +158,10 @@ def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathoscope import runs
+    from pathoscope.app.experiments import sweep_run
+    from pathoscope.app.reporting import format_metrics
 
-    metrics = runs.sweep_run(
+    metrics = sweep_run(
         configs=args.config,
         seed=args.seed,
         out=Path(args.out),
@@ -252,7 +169,7 @@ def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
         logger=args.logger,
         overrides=extra,
     )
-    print(runs.format_metrics(metrics))
+    print(format_metrics(metrics))
     return 0
 
 
@@ -277,8 +194,12 @@ def _cmd_show_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
-    """The data module of experiment YAMLs (their `data` sections) plus `--data.*` overrides."""
+    """The data module of experiment YAMLs (their `data` sections, and the lesion threshold the
+    model's `losses.lesion_min_fraction` links to it) plus `--data.*` overrides."""
+    import yaml
+
     from data_modules.common import FewShotDataModule
+    from pathoscope.app.configs import defaults_file
 
     for path in configs:
         if not Path(path).is_file():
@@ -286,13 +207,17 @@ def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> A
     parser = JsonArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action="append", default=[])
     parser.add_subclass_arguments(FewShotDataModule, "data", required=True)
-    import yaml
 
     data_args: list[str] = []
-    for path in configs:
-        section = (yaml.safe_load(Path(path).read_text()) or {}).get("data")
-        if section is not None:
-            data_args += ["--data", yaml.safe_dump(section)]
+    fraction = None
+    for path in [defaults_file(), *configs]:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        losses = (config.get("model") or {}).get("losses") or {}
+        fraction = losses.get("lesion_min_fraction", fraction)
+        if config.get("data") is not None:
+            data_args += ["--data", yaml.safe_dump(config["data"])]
+    if fraction is not None:
+        data_args.append(f"--data.lesion_min_fraction={fraction}")
     wanted = [a for a in overrides]
     bad = [a for a in wanted if a.startswith("--") and not a.startswith("--data")]
     if bad:
@@ -311,7 +236,7 @@ def _load_module(module: str, verb: str) -> Any:
     since the console script does not put the checkout on sys.path."""
     if module in sys.modules:
         return sys.modules[module]
-    path = Path(__file__).resolve().parent.parent.joinpath(*module.split(".")).with_suffix(".py")
+    path = Path(__file__).resolve().parents[2].joinpath(*module.split(".")).with_suffix(".py")
     if not module.startswith("pathoscope.") and path.is_file():
         spec = importlib.util.spec_from_file_location(module, path)
         assert spec is not None and spec.loader is not None
@@ -339,9 +264,9 @@ def _dispatch_module(module: str, verb: str) -> Callable[[list[str]], int]:
 
 
 _MODULE_VERBS: dict[str, tuple[str, str]] = {
-    "predict": ("pathoscope.predict", "anomaly maps for new images from a checkpoint"),
-    "export": ("pathoscope.export", "export a checkpoint"),
-    "bench": ("pathoscope.bench", "speed and cost benchmarks (writes bench.json)"),
+    "predict": ("pathoscope.app.predict.run", "anomaly maps for new images from a checkpoint"),
+    "export": ("pathoscope.app.export", "export a checkpoint"),
+    "bench": ("pathoscope.app.bench.run", "speed and cost benchmarks (writes bench.json)"),
 }
 
 
@@ -382,7 +307,9 @@ def _front_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", action="append", default=[], help="experiment YAML (repeatable, in order)"
     )
-    p.add_argument("--dataset", default=None, help="instead of --config: demo | brats | chestxray8")
+    p.add_argument(
+        "--dataset", default=None, help="instead of --config: a choice of experiments/datasets.yaml"
+    )
     p.add_argument(
         "--config-name",
         default="pathoscope",
@@ -392,7 +319,7 @@ def _front_parser() -> argparse.ArgumentParser:
         "--param",
         action="append",
         required=True,
-        help="KEY=V1,V2,... e.g. model.eta=0.005,0.01,0.02,0.05 (repeatable: all combinations)",
+        help="KEY=V1,V2,... e.g. model.pieg.eta=0.005,0.01,0.02,0.05 (repeatable: all combinations)",
     )
     p.add_argument("--shots", default="2", help="K values, e.g. 2,4 (default 2)")
     p.add_argument("--repeats", type=int, default=1, help="seeds 0..N-1 (default 1)")
@@ -406,7 +333,7 @@ def _front_parser() -> argparse.ArgumentParser:
         "sweep-run",
         help="one fit + test for a W&B sweep agent",
         description="Fit then test one configuration in-process and log it (W&B by default; "
-        "offline unless WANDB_MODE=online). The sweep's ${args} (--model.eta=0.01 ...) are "
+        "offline unless WANDB_MODE=online). The sweep's ${args} (--model.pieg.eta=0.01 ...) are "
         "LightningCLI overrides. Writes <out>/<group>/<overrides>/seed<i>/.",
     )
     p.add_argument(

@@ -31,7 +31,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from data_modules.errors import DataError
-from data_modules.synthetic import BRATS_DIRNAME, MISNAMED_SEG, _save_nifti, smooth_noise
+from data_modules.synthetic.brats import BRATS_DIRNAME, MISNAMED_SEG, save_nifti
+from data_modules.synthetic.noise import smooth_noise
 
 Box = tuple[slice, slice, slice]  # voxel box of the frame
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -492,7 +493,7 @@ def write_brats_anatomy(
         (sub_dir := out / name).mkdir(exist_ok=True)
         volumes, seg = _subject(np.random.default_rng([seed, 21, i]), frame, kind)
         for mod, vol in volumes.items():
-            _save_nifti(vol, sub_dir / f"{name}_{mod}.nii.gz")
+            save_nifti(vol, sub_dir / f"{name}_{mod}.nii.gz")
         bad_name = misnamed and i == n_subjects - 1
-        _save_nifti(seg, sub_dir / (MISNAMED_SEG if bad_name else f"{name}_seg.nii.gz"))
+        save_nifti(seg, sub_dir / (MISNAMED_SEG if bad_name else f"{name}_seg.nii.gz"))
     return out

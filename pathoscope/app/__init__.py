@@ -1,0 +1,1 @@
+"""The application layer: command line, experiments, reporting, predict, export, benchmarks."""

@@ -1,0 +1,1 @@
+"""`pathoscope bench`: speed and cost benchmarks, one module per section (run.py runs them)."""

@@ -1,0 +1,329 @@
+"""Experiments: repeated runs of one config (train), local parameter grids, W&B sweep runs.
+
+One run = fit then test in-process through PathoScopeCLI (so YAMLs and overrides mean exactly
+what they mean for `pathoscope fit`), written into a hidden `.<name>.partial` sibling folder and
+renamed when complete: a folder named `seed<i>` always holds a finished run (metrics.json,
+predictions.npz, config.yaml, last.ckpt, logs/), and nothing half-written is ever picked up by
+`pathoscope table`.
+
+Layout: <runs>/<dataset>/<config>/k<K>/seed<i>/ for the runs, and summary.json / summary.md in
+<runs>/<dataset>/<config>/k<K>/ (written by pathoscope.app.reporting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pathoscope.app.configs import DEFAULT_CONFIG, config_files, dataset_root
+from pathoscope.app.lightning_cli import finish_fit, lightning_cli
+from pathoscope.app.reporting import GridResult, summarize, write_grid_outputs, write_summary
+
+MAX_NAME = 120  # longest folder name made from parameters
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'2,4' -> [2, 4]; ValueError naming `what` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: expected integers separated by commas, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what}: expected at least one value, got {text!r}")
+    return values
+
+
+# ------------------------------------------------------------------------------- one run
+def _logger_spec(kind: str, save_dir: Path, name: str, group: str) -> dict[str, Any]:
+    if kind == "csv":
+        return {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(save_dir), "name": "logs", "version": ""},
+        }
+    if kind == "wandb":
+        # Never blocks: offline unless the user asked for online (or a sweep agent runs us).
+        if "WANDB_SWEEP_ID" not in os.environ:
+            os.environ.setdefault("WANDB_MODE", "offline")
+        return {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            "init_args": {
+                "name": name,
+                "group": group,
+                "project": os.environ.get("WANDB_PROJECT", "pathoscope"),
+                "save_dir": str(save_dir),
+            },
+        }
+    raise ValueError(f"unknown logger {kind!r}; expected csv or wandb")
+
+
+def _close_loggers(trainer: Any) -> None:
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()  # flush before the folder is renamed
+
+
+def _promote(tmp: Path, final: Path) -> None:
+    """Replace `final` by the finished `tmp` (the old run, if any, is removed afterwards)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def run_one(
+    configs: Sequence[Path | str],
+    run_dir: Path,
+    seed: int,
+    overrides: Sequence[str] = (),
+    logger: str = "csv",
+    run_name: str | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
+    """Fit then test one seed in-process; returns metrics.json's content.
+
+    `overrides` are LightningCLI arguments applied after the YAMLs; the run's own settings (seed,
+    output folders, logger) come last. `run_name` may use {dataset}, {shots} and {seed}.
+    Bad data is found (datamodule.setup) before anything is written.
+    """
+    run_dir = Path(run_dir)
+    tmp = run_dir.with_name(f".{run_dir.name}.partial")
+    args: list[str] = []
+    for path in configs:
+        args += ["--config", str(path)]
+    args += list(overrides)
+    args += [
+        f"--seed_everything={seed}",
+        f"--data.seed={seed}",
+        f"--trainer.default_root_dir={tmp}",
+        f"--checkpoint.dirpath={tmp}",
+        f"--metrics.output_dir={tmp}",
+        "--metrics.save_predictions=true",
+    ]
+    custom_logger = any(a.startswith("--trainer.logger") for a in overrides)
+    if not custom_logger:
+        args += ["--trainer.logger=false"]
+    cli = lightning_cli(args, run=False, save_config_callback=None)
+    dm, model, trainer = cli.datamodule, cli.model, cli.trainer
+    dm.setup("fit")  # bad data stops here, before anything is written
+    name = (run_name or "{dataset}-k{shots}-s{seed}").format(
+        dataset=dm.dataset_name, shots=dm.shots, seed=seed
+    )
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted earlier run
+    tmp.mkdir(parents=True)
+    spec: dict[str, Any] | None = None
+    try:
+        if not custom_logger:
+            from lightning.pytorch.cli import instantiate_class
+
+            # Built here, not parsed: its run name needs the parsed dataset and shots.
+            spec = _logger_spec(logger, tmp, name, group or name)
+            trainer.logger = instantiate_class((), spec)
+        with warnings.catch_warnings():
+            # The run folder holds the logs too: not a stale checkpoint folder.
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+            trainer.fit(model, datamodule=dm)
+        finish_fit(trainer, model, dm, cli.final_validation)
+        trainer.test(model, datamodule=dm, verbose=False)
+        if not trainer.is_global_zero:
+            return {}
+        # The resolved config, with the paths as they are after the rename.
+        config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+        if spec is not None:
+            config["trainer"]["logger"] = spec
+        dumped = yaml.safe_dump(config, sort_keys=False)
+        (tmp / "config.yaml").write_text(dumped.replace(str(tmp), str(run_dir)))
+        metrics_path = tmp / "metrics.json"
+        if not metrics_path.is_file():
+            raise FileNotFoundError(f"{metrics_path}: the test wrote no metrics")
+        metrics = json.loads(metrics_path.read_text())
+        if not (tmp / "last.ckpt").is_file():
+            trainer.save_checkpoint(tmp / "last.ckpt")
+        _close_loggers(trainer)
+        _promote(tmp, run_dir)
+        return metrics
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------- train
+def train(
+    dataset: str,
+    shots: int,
+    repeats: int = 1,
+    config_name: str = DEFAULT_CONFIG,
+    data_root: str | None = None,
+    logger: str = "csv",
+    runs_root: str | Path = "runs",
+    max_steps: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Fit + test seeds 0..repeats-1; write summary.json / summary.md; returns the k<K> folder."""
+    if shots < 1:
+        raise ValueError(f"--shots must be >= 1, got {shots}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {max_steps}")
+    _check_overrides(overrides)
+    config_name = config_name.removesuffix(".yaml")
+    files = config_files(dataset, config_name)
+    root = dataset_root(dataset, data_root)
+    base = Path(runs_root) / dataset / config_name / f"k{shots}"
+    args = [*overrides, f"--data.root={root}", f"--data.shots={shots}"]
+    if max_steps is not None:
+        args.append(f"--trainer.max_steps={max_steps}")
+    per_seed = []
+    for seed in range(repeats):
+        print(f"== {dataset} / {config_name} / K={shots} / seed {seed} ==", flush=True)
+        metrics = run_one(
+            files,
+            base / f"seed{seed}",
+            seed,
+            args,
+            logger=logger,
+            run_name=f"{dataset}-{config_name.replace('/', '-')}-k{{shots}}-s{{seed}}",
+            group=config_name,
+        )
+        per_seed.append(metrics)
+    if per_seed and per_seed[0]:  # rank 0 (DDP ranks > 0 get {})
+        write_summary(base, summarize(dataset, config_name, shots, per_seed))
+    return base
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    for arg in overrides:
+        if arg.startswith("-") and not arg.startswith(
+            ("--model", "--data", "--trainer", "--metrics", "--checkpoint", "--seed_everything")
+        ):
+            raise ValueError(
+                f"unrecognised argument {arg}: only --model.*, --data.*, --trainer.*, "
+                "--metrics.*, --checkpoint.* overrides pass through"
+            )
+
+
+def _checked_args(
+    configs: Sequence[str], overrides: Sequence[str], data_root: str | None
+) -> list[str]:
+    """The overrides plus --data.root, after checking them, the config files and the data root."""
+    _check_overrides(overrides)
+    for c in configs:
+        if not Path(c).is_file():
+            raise FileNotFoundError(f"{c}: config file not found")
+    args = list(overrides)
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: data root not found (a folder is expected)")
+        args.append(f"--data.root={root}")
+    return args
+
+
+# ------------------------------------------------------------------------------- grid
+def parse_param(text: str) -> tuple[str, list[str]]:
+    """'model.pieg.eta=0.01,0.05' -> ('model.pieg.eta', ['0.01', '0.05'])."""
+    key, sep, values = text.partition("=")
+    key = key.strip().removeprefix("--")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key or "." not in key or not vals:
+        raise ValueError(
+            f"--param: expected KEY=V1,V2,... with a dotted key (model.pieg.eta=0.01,0.05), got {text!r}"
+        )
+    return key, vals
+
+
+def _combo_name(combo: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f"{k}={v}" for k, v in combo).replace("/", "_")
+
+
+def grid(
+    configs: Sequence[str],
+    params: Sequence[str],
+    shots: Sequence[int],
+    repeats: int = 1,
+    out: Path = Path("runs/grid"),
+    data_root: str | None = None,
+    logger: str = "csv",
+    max_steps: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Every combination of the --param values x shots x seeds; grid.md/.csv and plots in `out`."""
+    parsed = [parse_param(p) for p in params]
+    if any(k < 1 for k in shots):
+        raise ValueError(f"--shots must be >= 1, got {list(shots)}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    args = _checked_args(configs, overrides, data_root)
+    if max_steps is not None:
+        args.append(f"--trainer.max_steps={max_steps}")
+    out = Path(out)
+    group = "grid-" + "+".join(Path(c).stem for c in configs)
+    results: list[GridResult] = []
+    for values in itertools.product(*(vals for _, vals in parsed)):
+        combo = tuple((key, v) for (key, _), v in zip(parsed, values, strict=True))
+        for k in shots:
+            per_seed = []
+            folder = out / _combo_name(combo) / f"k{k}"
+            for seed in range(repeats):
+                print(f"== grid {_combo_name(combo)} / K={k} / seed {seed} ==", flush=True)
+                per_seed.append(
+                    run_one(
+                        configs,
+                        folder / f"seed{seed}",
+                        seed,
+                        [*args, *(f"--{key}={v}" for key, v in combo), f"--data.shots={k}"],
+                        logger=logger,
+                        run_name=f"{{dataset}}-{_combo_name(combo)}-k{{shots}}-s{{seed}}",
+                        group=group,
+                    )
+                )
+            summary = summarize("grid", _combo_name(combo), k, per_seed)
+            summary["params"] = dict(combo)
+            write_summary(folder, summary)
+            results.append((combo, k, summary))
+    write_grid_outputs(out, [key for key, _ in parsed], results)
+    return out
+
+
+# ------------------------------------------------------------------------------- sweeps
+def sweep_run(
+    configs: Sequence[str],
+    seed: int = 0,
+    out: Path = Path("runs/sweeps"),
+    data_root: str | None = None,
+    logger: str = "wandb",
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One fit + test of a sweep configuration (the sweep's ${args} are `overrides`)."""
+    args = _checked_args(configs, overrides, data_root)
+    group = "+".join(Path(c).stem for c in configs)
+    params = [
+        a.removeprefix("--") for a in overrides if "=" in a and not a.startswith("--data.root")
+    ]
+    name = ",".join(sorted(params)).replace("/", "_") or "defaults"
+    if len(name) > MAX_NAME:  # file names have a length limit: a readable prefix + a hash
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = f"{name[: MAX_NAME - 13]}-{digest}"
+    return run_one(
+        configs,
+        Path(out) / group / name / f"seed{seed}",
+        seed,
+        args,
+        logger=logger,
+        run_name=f"{{dataset}}-{group}-k{{shots}}-s{{seed}}",
+        group=group,
+    )

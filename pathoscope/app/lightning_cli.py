@@ -1,0 +1,184 @@
+"""PathoScopeCLI (LightningCLI for `pathoscope fit|validate|test`) and the callbacks it adds.
+
+Configs: experiments/defaults.yaml (the model, trainer and metrics defaults) is read first, then
+every `--config` file in order, then the command-line overrides; docs/configs.md has the layout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from callbacks.metrics import AnomalyMetrics
+from data_modules.common import FewShotDataModule, TrainSampler
+from pathoscope.app.configs import defaults_file
+from pathoscope.checkpoint import read_checkpoint
+from pathoscope.lightning_model import PathoScope
+
+LAST_CHECKPOINT = "last"  # the only checkpoint a run keeps: <checkpoint.dirpath>/last.ckpt
+# Arguments set from another (link_arguments): given on their own they would be overwritten.
+LINKED = {"data.lesion_min_fraction": "model.losses.lesion_min_fraction"}
+
+
+class FinalValidation(Callback):
+    """Remembers the global step of the last validation (see finish_fit)."""
+
+    def __init__(self) -> None:
+        self.validated_at: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
+
+
+class TrainSamplerEpoch(Callback):
+    """Gives the training sampler the epoch actually trained.
+
+    The training data are seeded by (epoch * length + i) through `TrainSampler.set_epoch`.
+    Lightning 2.6 passes its `processed` epoch counter, which is one ahead after resuming from a
+    checkpoint written at an epoch end, and under DDP it calls set_epoch only on its
+    DistributedSamplerWrapper, not on the TrainSampler inside. Either would make a resumed or
+    distributed run see other training data than an uninterrupted single-process run.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # DDP wrapper
+        for candidate in (sampler, inner):
+            if isinstance(candidate, TrainSampler):
+                candidate.set_epoch(trainer.current_epoch)
+
+
+def finish_fit(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: Any, tracker: FinalValidation
+) -> None:
+    """Validate the final model if no validation ran after the last step, and rewrite last.ckpt,
+    so that tau (set on validation) always belongs to the final model."""
+    if tracker.validated_at == trainer.global_step or trainer.interrupted:
+        return
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath and cb.filename == LAST_CHECKPOINT:
+            path = Path(cb.dirpath) / f"{LAST_CHECKPOINT}{cb.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)
+            cb.best_model_path = cb.last_model_path = str(path)
+
+
+class PathoScopeCLI(LightningCLI):
+    """LightningCLI for PathoScope and the few-shot data modules.
+
+    * `--data` is any FewShotDataModule (`data_modules.brats.BraTSDataModule`,
+      `data_modules.chestxray8.ChestXray8DataModule`) given by `class_path`.
+    * `--model.losses.lesion_min_fraction` is also the data's lesion synthesis threshold
+      (linked: one value for both; setting the data's own is refused, see LINKED).
+    * `--metrics.*`: the AnomalyMetrics callback, always present (validation sets tau; test
+      writes metrics.json into `--metrics.output_dir`, default the trainer's log_dir).
+    * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no
+      selection on any score), rewritten at every epoch end. Resuming after an interruption:
+      the same command with `--checkpoint.dirpath DIR --ckpt_path last`.
+    * After `fit`, validation runs once more if the last one was before the final step (e.g.
+      max_steps not a multiple of steps_per_epoch, or max_steps 0 for anchor_knn), so that tau
+      always belongs to the final model, and last.ckpt is rewritten with it.
+    * `validate` / `test` with a checkpoint file check its version first, and build the model
+      without loading backbone weights from anywhere: the checkpoint holds them.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
+        self.final_validation = FinalValidation()
+        callbacks = [self.final_validation, TrainSamplerEpoch()]
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        defaults = {"default_config_files": [str(defaults_file())]}
+        super().__init__(
+            PathoScope,
+            FewShotDataModule,
+            subclass_mode_data=True,
+            args=list(args) if args is not None else None,
+            run=run,
+            trainer_defaults={"callbacks": callbacks},
+            parser_kwargs={
+                "exit_on_error": False,
+                **({} if run else defaults),
+                **{verb: {"exit_on_error": False, **defaults} for verb in self.subcommands()},
+            },
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(AnomalyMetrics, "metrics")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.link_arguments(
+            "model.losses.lesion_min_fraction", "data.init_args.lesion_min_fraction"
+        )
+        # One file, last.ckpt, rewritten after every validation (each epoch end): Lightning
+        # 2.6 writes `save_last` files only when a top-k file is written, so the newest
+        # checkpoint itself is named "last" (what --ckpt_path last finds).
+        parser.set_defaults(
+            {
+                "checkpoint.filename": LAST_CHECKPOINT,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": False,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        refuse_link_targets(list(args or ()))
+        super().parse_arguments(parser, args)
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)  # a clear error naming the file and the versions
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand in ("validate", "test") and ckpt_path and Path(ckpt_path).is_file():
+            # The checkpoint carries the backbone weights: never fetch or read them again.
+            config["model"]["network"]["pretrained"] = False
+            config["model"]["network"]["weights"] = None
+            self._checkpoint_backbone = True
+
+    def instantiate_classes(self) -> None:
+        with warnings.catch_warnings():
+            if getattr(self, "_checkpoint_backbone", False):
+                warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
+            super().instantiate_classes()
+
+    def after_fit(self) -> None:
+        finish_fit(self.trainer, self.model, self.datamodule, self.final_validation)
+
+
+def refuse_link_targets(args: Sequence[str]) -> None:
+    """ValueError when the command line or a --config file sets a linked argument itself (the
+    link would silently replace its value)."""
+    for i, arg in enumerate(args):
+        key = arg.removeprefix("--").split("=", 1)[0].replace(".init_args.", ".")
+        if key in LINKED:
+            raise ValueError(f"--{key} is set by --{LINKED[key]}: give that instead")
+        if key == "config":
+            path = (
+                arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            )
+            if Path(path).is_file():
+                config = yaml.safe_load(Path(path).read_text()) or {}
+                data = config.get("data") or {}
+                init = {**data, **(data.get("init_args") or {})} if isinstance(data, dict) else {}
+                for target, source in LINKED.items():
+                    if target.removeprefix("data.") in init:
+                        raise ValueError(f"{path}: {target} is set by {source}: give that instead")
+
+
+def lightning_cli(args: Sequence[str] | None, run: bool = True, **kwargs: Any) -> PathoScopeCLI:
+    """Build (and with run=True, run) PathoScopeCLI on `args` (the verb first when run=True)."""
+    with warnings.catch_warnings():
+        # `args` is always given (main's argv, or the run's own): the mix-up this warns about
+        # cannot happen here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return PathoScopeCLI(args=args, run=run, **kwargs)

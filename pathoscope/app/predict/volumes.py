@@ -1,0 +1,315 @@
+"""Volumes for `pathoscope predict`: NIfTI files or subject folders -> maps in the input's space.
+
+The array is reoriented to the training orientation (the axis codes of the training volumes, LPS
+for BraTS), the axial slices in the training `slice_range` that hold any voxel > 0 are scored in
+batches with the training code's preprocessing (`data_modules.brats_volumes`), and the results are
+mapped back to the input's own orientation (pathoscope/app/predict/run.py describes the outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    io_orientation,
+    ornt_transform,
+)
+from torch import nn
+from tqdm import tqdm
+
+from data_modules.brats_volumes import (
+    find_subject_file,
+    load_volume,
+    normalize_volume,
+    preprocess_slices,
+)
+from data_modules.common import to_rgb
+from data_modules.errors import DataError
+from data_modules.transforms import normalize, resize
+from pathoscope.app.predict.common import decision, no_bar, score_batch
+from pathoscope.folded import inference_net
+from pathoscope.postprocess import tau_value
+from pathoscope.torch_model import PathoScopeModel
+
+log = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+# Training orientation when the checkpoint does not store `axcodes`: BraTS/ITK volumes are stored
+# LPS (affine diag(-1, -1, 1), as data_modules.synthetic.BRATS_AFFINE) and training reads the
+# stored array as is.
+DEFAULT_AXCODES = ("L", "P", "S")
+# Reference values when the checkpoint does not store `voxel_spacing` / `foreground_fraction`:
+# BraTS is resampled to 1 mm isotropic; a skull-stripped brain covers about 30% of a BraTS axial
+# slice in the default range (60..90).
+DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
+DEFAULT_FOREGROUND_FRACTION = 0.3
+# Warn when a voxel size or the foreground fraction differs from training by more than this factor.
+SPACING_FACTOR = 1.5
+FOREGROUND_FACTOR = 2.0
+
+
+@dataclass
+class VolumeResult:
+    """Predictions for one volume; arrays are in the input's orientation and 3D shape."""
+
+    name: str
+    source: Path  # the file whose affine and header the outputs carry
+    anomaly_map: np.ndarray  # (X, Y, Z) float32
+    pred_mask: np.ndarray | None  # (X, Y, Z) bool; None without tau
+    slices: list[int]  # scored slices, training orientation
+    input_indices: list[int]  # the same slices along the input array's slice axis
+    slice_scores: np.ndarray  # (n,)
+    score: float  # max of slice_scores
+    tau: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def pathological(self) -> bool | None:
+        return None if self.tau is None else bool(self.score > self.tau)
+
+
+Slices = tuple[int, int] | Literal["all"] | None  # None: the training slice_range
+
+
+def parse_slices(text: str) -> tuple[int, int] | Literal["all"]:
+    """`A:B` (inclusive, like the training slice_range) -> (A, B); `all` -> "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    parts = text.split(":")
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected A:B (inclusive slice range, e.g. 60:90) or 'all', got {text!r}"
+        ) from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= A <= B in A:B, got {text!r}")
+    return lo, hi
+
+
+def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, Any]:
+    """(X, Y, Z) float32 data and the nibabel image; 4D needs `channel` (DataError otherwise)."""
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read NIfTI header ({exc})") from exc
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] > 1:
+        if channel is None:
+            raise DataError(
+                f"{path}: expected a 3D volume, got shape {shape} ({shape[3]} volumes): pass "
+                f"--channel N (0..{shape[3] - 1}) to pick one"
+            )
+        if not 0 <= channel < shape[3]:
+            raise DataError(
+                f"{path}: --channel {channel} out of range for shape {shape} (0..{shape[3] - 1})"
+            )
+        try:
+            data = np.asarray(img.dataobj[..., channel], dtype=np.float32)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read the volume data ({exc})") from exc
+        return data, img
+    return load_volume(path), img  # the training reader: 3D check, read errors
+
+
+def volume_files(path: Path, modalities: Sequence[str]) -> list[Path]:
+    """The files of one volume input: a NIfTI file (one modality) or a subject folder."""
+    if path.is_dir():
+        return [find_subject_file(path, m) for m in modalities]
+    if len(modalities) > 1:
+        raise DataError(
+            f"{path}: the checkpoint uses the modalities {list(modalities)}: give the subject "
+            f"folder holding <name>_{modalities[0]}.nii.gz ... instead of one file"
+        )
+    return [path]
+
+
+def volume_name(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_domain(
+    spacing: np.ndarray, fraction: float, pre: dict[str, Any], where: str
+) -> list[str]:
+    """Warnings when the voxel size or foreground fraction is far from the training data's."""
+    out = []
+    ref_spacing = np.asarray(pre.get("voxel_spacing") or DEFAULT_SPACING_MM, dtype=float)
+    ratio = spacing / ref_spacing
+    if np.any(ratio > SPACING_FACTOR) or np.any(ratio < 1.0 / SPACING_FACTOR):
+        out.append(
+            f"{where}: voxel spacing {np.round(spacing, 3).tolist()} mm (training orientation) "
+            f"is far from the training data's {ref_spacing.tolist()} mm; maps may be unreliable "
+            "(resample the volume to the training spacing)"
+        )
+    ref_fraction = float(pre.get("foreground_fraction") or DEFAULT_FOREGROUND_FRACTION)
+    if not ref_fraction / FOREGROUND_FACTOR <= fraction <= ref_fraction * FOREGROUND_FACTOR:
+        out.append(
+            f"{where}: {fraction:.0%} of the scored voxels are foreground (> 0), far from about "
+            f"{ref_fraction:.0%} in training; is the volume skull-stripped with a zero background?"
+        )
+    return out
+
+
+def predict_volume(
+    model: PathoScopeModel,
+    path: str | Path,
+    slices: Slices = None,
+    channel: int | None = None,
+    batch_size: int = 16,
+    progress: bool | None = False,
+    net: nn.Module | None = None,
+) -> VolumeResult:
+    """Score one volume (NIfTI file or subject folder) with the checkpoint's preprocessing.
+
+    `slices`: None (the training slice_range), (A, B) inclusive, or "all".
+    Returns the maps in the input's orientation (module docstring); DataError for bad input.
+    """
+    path = Path(path)
+    pre = model.preprocessing
+    files = volume_files(path, list(pre.get("modality") or ["flair"]))
+    raws, ref = [], None
+    for f in files:
+        data, img = _read_nifti(f, channel)
+        if ref is None:
+            ref = img
+        elif data.shape != raws[0].shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+            raise DataError(f"{f}: shape or affine differs from {files[0].name}")
+        raws.append(data)
+    assert ref is not None
+    shape = raws[0].shape
+
+    # Reorient to the training orientation (flips / axis permutation only, no resampling).
+    axcodes = tuple(pre.get("axcodes") or DEFAULT_AXCODES)
+    to_train = ornt_transform(io_orientation(ref.affine), axcodes2ornt(axcodes))
+    volumes = [np.ascontiguousarray(apply_orientation(v, to_train)) for v in raws]
+    spacing = np.empty(3)
+    for axis, (dest, _) in enumerate(to_train):
+        spacing[int(dest)] = float(ref.header.get_zooms()[axis])
+    depth = volumes[0].shape[2]
+    if slices is None:
+        slices = tuple(pre.get("slice_range") or (0, depth - 1))
+    lo, hi = (0, depth - 1) if slices == "all" else (int(slices[0]), int(slices[1]))
+    if hi >= depth:
+        raise DataError(
+            f"{files[0]}: slices {lo}..{hi} need {hi + 1} axial slices, the volume has {depth} "
+            "(pass --slices A:B or --slices all)"
+        )
+    foreground = np.max([v > 0 for v in volumes], axis=0)  # (X', Y', Z') training orientation
+    candidates = list(range(lo, hi + 1))
+    scored = [k for k in candidates if foreground[:, :, k].any()]
+    if not scored:
+        raise DataError(f"{files[0]}: no voxel > 0 in axial slices {lo}..{hi}")
+    warnings = _check_domain(spacing, float(foreground[:, :, lo : hi + 1].mean()), pre, str(path))
+    for w in warnings:
+        log.warning(w)
+
+    normed = []
+    for f, v in zip(files, volumes, strict=True):
+        try:
+            # per volume and modality, as in training (checkpoints before the option: percentile)
+            normed.append(normalize_volume(v, str(pre.get("intensity_norm", "percentile"))))
+        except DataError as err:
+            raise DataError(f"{f}: {err}") from None
+
+    # Score in batches; maps go back to the slice size (training orientation).
+    net = net or inference_net(model)
+    size = int(pre["image_size"])
+    amap = np.zeros(volumes[0].shape, dtype=np.float32)
+    scores = []
+    bar = tqdm(total=len(scored), desc=path.name, unit="slice", disable=no_bar(progress))
+    for start in range(0, len(scored), batch_size):
+        ks = scored[start : start + batch_size]
+        arrays = preprocess_slices(normed, ks, size)  # image (n, S, S, C), foreground (n, S, S)
+        images = torch.stack([normalize(to_rgb(im)) for im in arrays["image"]])  # (n, 3, S, S)
+        fg = torch.from_numpy(arrays["foreground"][:, None])  # (n, 1, S, S)
+        batch_scores, maps = score_batch(net, images, fg, model.tau.device)
+        scores.extend(batch_scores.tolist())
+        for k, m in zip(ks, maps, strict=True):
+            full, _ = resize(m[:, :, None], amap.shape[:2])
+            amap[:, :, k] = full.reshape(amap.shape[:2])
+        bar.update(len(ks))
+    bar.close()
+
+    tau = tau_value(model.tau)
+    pred = None
+    if tau is not None:
+        in_range = np.zeros(amap.shape, dtype=bool)
+        in_range[:, :, scored] = True
+        pred = (amap > tau) & foreground & in_range
+    # Back to the input's orientation.
+    to_input = ornt_transform(axcodes2ornt(axcodes), io_orientation(ref.affine))
+    amap_in = np.ascontiguousarray(apply_orientation(amap, to_input))
+    pred_in = None if pred is None else np.ascontiguousarray(apply_orientation(pred, to_input))
+    assert amap_in.shape == shape, (amap_in.shape, shape)
+    # Slice k (training) lies along the input axis that maps to training axis 2.
+    src_axis = int(np.flatnonzero(to_train[:, 0] == 2)[0])
+    flipped = to_train[src_axis, 1] < 0
+    n_src = shape[src_axis]
+    input_indices = [n_src - 1 - k if flipped else k for k in scored]
+    slice_scores = np.asarray(scores, dtype=np.float64)
+    return VolumeResult(
+        name=path.name if path.is_dir() else volume_name(path),
+        source=files[0],
+        anomaly_map=amap_in,
+        pred_mask=pred_in,
+        slices=scored,
+        input_indices=input_indices,
+        slice_scores=slice_scores,
+        score=float(slice_scores.max()),
+        tau=tau,
+        warnings=warnings,
+    )
+
+
+def volume_outputs(name: str, out_dir: Path) -> dict[str, Path]:
+    return {
+        "anomaly_map": out_dir / f"{name}_anomaly_map.nii.gz",
+        "pred_mask": out_dir / f"{name}_pred_mask.nii.gz",
+        "scores": out_dir / f"{name}_scores.csv",
+    }
+
+
+def _save_like(array: np.ndarray, ref: Path, path: Path, dtype: type, descrip: str) -> None:
+    """Save `array` with the affine and header of the NIfTI file `ref` (data type changed)."""
+    img = nib.load(str(ref))
+    header = img.header.copy()
+    header.set_data_dtype(dtype)
+    out = type(img)(array.astype(dtype), img.affine, header)
+    out.header.set_slope_inter(1.0, 0.0)  # the input's scaling must not apply to the map
+    top = float(array.max())
+    out.header["cal_min"], out.header["cal_max"] = 0.0, top if top > 0 else 1.0  # viewer window
+    out.header["descrip"] = descrip.encode()[:79]
+    nib.save(out, str(path))
+
+
+def write_volume_result(result: VolumeResult, out_dir: Path) -> dict[str, Path]:
+    """Write the NIfTI maps and the per-slice CSV; returns the written paths."""
+    paths = volume_outputs(result.name, out_dir)
+    _save_like(result.anomaly_map, result.source, paths["anomaly_map"], np.float32, "anomaly_map")
+    if result.pred_mask is not None:
+        _save_like(result.pred_mask, result.source, paths["pred_mask"], np.uint8, "pred_mask")
+    else:
+        del paths["pred_mask"]
+    tau = result.tau
+    with open(paths["scores"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["level", "slice", "input_index", "score", "pathological"])
+        for k, i, s in zip(result.slices, result.input_indices, result.slice_scores, strict=True):
+            writer.writerow(["slice", k, i, f"{s:.6g}", decision(s, tau)])
+        writer.writerow(["volume", "", "", f"{result.score:.6g}", decision(result.score, tau)])
+    return paths

@@ -1,0 +1,336 @@
+"""Reporting: summaries over seeds, the paper-shaped table of a runs folder, grid tables and plots.
+
+summary.json / summary.md (docs/metrics.md lists their keys) are written per <config>/k<K>/;
+`pathoscope table` gathers them into table.md / table.csv with the paper's rows for reference;
+`pathoscope grid` writes grid.md / grid.csv and one plot per metric against the first parameter.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pathoscope.app.configs import DEFAULT_CONFIG
+from pathoscope.app.paper_tables import paper_rows
+
+# The four metrics of the paper's Table 1, in its order, with their column titles.
+TABLE_METRICS: dict[str, str] = {
+    "image_auroc": "Image AUROC",
+    "pixel_auroc": "Pixel AUROC",
+    "pro": "PRO",
+    "dice_best": "Dice",
+}
+# Further metrics reported in summary.md (see callbacks/metrics.py and docs/metrics.md).
+EXTRA_METRICS: dict[str, str] = {
+    "pixel_auroc_fg": "Pixel AUROC (fg)",
+    "pro_fg": "PRO (fg)",
+    "sensitivity": "Sensitivity@tau",
+    "specificity": "Specificity@tau",
+    "dice_at_tau": "Dice@tau",
+    "iou_at_tau": "IoU@tau",
+}
+SUMMARY_METRICS = (*TABLE_METRICS, *EXTRA_METRICS, "tau")
+GridResult = tuple[tuple[tuple[str, str], ...], int, dict[str, Any]]  # (params, K, summary)
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof 1; None for one value, where it is undefined) of the defined values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var)
+
+
+def summarize(
+    dataset: str, config: str, shots: int, per_seed: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """summary.json's content from the seeds' metrics.json (in seed order)."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for key in SUMMARY_METRICS:
+        values = [m.get(key) for m in per_seed]
+        mean, std = _mean_std(values)
+        metrics[key] = {"mean": mean, "std": std, "values": values}
+    weights = sorted({str(m.get("weights")) for m in per_seed})
+    return {
+        "dataset": dataset,
+        "config": config,
+        "shots": shots,
+        "repeats": len(per_seed),
+        "metrics": metrics,
+        "checkpoint": "last",
+        "weights": weights[0] if len(weights) == 1 else weights,
+        "eval_size": per_seed[0].get("eval_size") if per_seed else None,
+    }
+
+
+def _pct(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    std = stat.get("std")
+    if std is None:  # one seed: no spread to report
+        return f"{100 * stat['mean']:.2f}"
+    return f"{100 * stat['mean']:.2f} ± {100 * std:.2f}"
+
+
+def _weights_note(weights: Any) -> str:
+    if weights == "random":
+        return (
+            "random (pretrained=False: no ImageNet weights were available; results are far "
+            "below what pretrained weights give)"
+        )
+    return str(weights)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """summary.md: the paper's table layout in percent, mean ± std over the seeds."""
+    n = summary["repeats"]
+    m = summary["metrics"]
+    lines = [
+        f"## {summary['dataset']} / {summary['config']} / K={summary['shots']}",
+        "",
+        "| Method | K | " + " | ".join(f"{t} (%)" for t in TABLE_METRICS.values()) + " |",
+        "|---|---|" + "---|" * len(TABLE_METRICS),
+        f"| {summary['config']} | {summary['shots']} | "
+        + " | ".join(_pct(m.get(k)) for k in TABLE_METRICS)
+        + " |",
+        "",
+        "| " + " | ".join(f"{t} (%)" for t in EXTRA_METRICS.values()) + " |",
+        "|" + "---|" * len(EXTRA_METRICS),
+        "| " + " | ".join(_pct(m.get(k)) for k in EXTRA_METRICS) + " |",
+        "",
+        (
+            f"Mean ± std (sample std, ddof 1) over {n} seeds (0..{n - 1}); the same test set for "
+            "every seed, only the K training shots change."
+            if n != 1
+            else "One seed (0): no spread to report; use REPEATS=N for mean ± std over N seeds."
+        ),
+        f"Checkpoint reported: {summary['checkpoint']} (the final model; nothing is selected on "
+        "test labels).",
+        f"Backbone weights: {_weights_note(summary['weights'])}.",
+        "Dice is the best Dice over thresholds on the pooled test set (an oracle, as in the "
+        f"literature); @tau values use the threshold set on validation normals. Evaluation "
+        f"size: {summary.get('eval_size')} px.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> None:
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    (folder / "summary.md").write_text(summary_markdown(summary))
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One line of the main metrics in percent."""
+    parts = [
+        f"{title} {100 * metrics[key]:.2f}" if metrics.get(key) is not None else f"{title} -"
+        for key, title in TABLE_METRICS.items()
+    ]
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------- table
+def load_summaries(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every summary.json under `runs_dir` (partial and old folders are hidden: never read)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"{runs_dir}: runs folder not found")
+    out = []
+    for path in sorted(runs_dir.rglob("summary.json")):
+        if any(part.startswith(".") for part in path.relative_to(runs_dir).parts):
+            continue
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not {"config", "shots", "metrics"} <= summary.keys():
+            raise ValueError(f"{path}: not a pathoscope summary (config, shots, metrics expected)")
+        out.append(summary)
+    return out
+
+
+def _config_order(name: str) -> tuple[int, str]:
+    if name == DEFAULT_CONFIG:
+        return (0, name)
+    return (1 if name.startswith("ablation/") else 2, name)
+
+
+def build_table(
+    summaries: Sequence[dict[str, Any]], paper: bool = True
+) -> tuple[str, list[dict[str, Any]]]:
+    """(Markdown, CSV rows) of the paper's Table 1 shape: rows configs, columns metric x K."""
+    if not summaries:
+        raise ValueError("no summary.json found: run `pathoscope train` first")
+    datasets = sorted({str(s.get("dataset")) for s in summaries})
+    ks = sorted({int(s["shots"]) for s in summaries})
+    by_config: dict[str, dict[int, dict[str, Any]]] = {}
+    for s in summaries:
+        by_config.setdefault(str(s["config"]), {})[int(s["shots"])] = s
+    columns = [(metric, k) for metric in TABLE_METRICS for k in ks]
+
+    header = ["Method", "Source", "Repeats"] + [f"{TABLE_METRICS[m]} K={k}" for m, k in columns]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows: list[dict[str, Any]] = []
+    for config in sorted(by_config, key=_config_order):
+        per_k = by_config[config]
+        repeats = sorted({int(s.get("repeats", 0)) for s in per_k.values()})
+        cells = [_pct(per_k[k]["metrics"].get(m)) if k in per_k else "-" for m, k in columns]
+        md.append(
+            f"| {config} | ours | {'/'.join(map(str, repeats))} | " + " | ".join(cells) + " |"
+        )
+        row: dict[str, Any] = {"method": config, "source": "ours", "repeats": repeats[-1]}
+        for m, k in columns:
+            stat = per_k[k]["metrics"].get(m) if k in per_k else None
+            mean = stat.get("mean") if stat else None
+            std = stat.get("std") if stat else None
+            row[f"{m}_k{k}_mean_pct"] = None if mean is None else 100 * mean
+            row[f"{m}_k{k}_std_pct"] = None if std is None else 100 * std
+        rows.append(row)
+    notes = [
+        "",
+        "Ours: mean ± std over the seeds, last checkpoint, in percent. Dice = best threshold "
+        "on the pooled test set (oracle, as in the literature).",
+    ]
+    weights = sorted({str(s.get("weights")) for s in summaries})
+    notes.append(f"Backbone weights: {', '.join(_weights_note(w) for w in weights)}.")
+    if paper:
+        refs = [r for d in datasets for r in paper_rows(d)]
+        for ref in refs:
+            cells = []
+            row = {"method": ref.label, "source": f"paper {ref.source}", "repeats": 10}
+            for m, k in columns:
+                value = ref.metrics.get(m, {}).get(k)
+                cells.append("-" if value is None else f"{value:.2f}")
+                row[f"{m}_k{k}_mean_pct"] = value
+                row[f"{m}_k{k}_std_pct"] = None
+            md.append(
+                f"| {ref.label} | reference: paper {ref.source} | 10 | " + " | ".join(cells) + " |"
+            )
+            rows.append(row)
+        if refs:
+            notes.append(
+                "Reference rows are the paper's own numbers (10 repeats, real data), not "
+                "reproduced here."
+            )
+        else:
+            notes.append(
+                f"No paper reference rows for dataset(s) {', '.join(datasets)} (the paper reports "
+                "BraTS2020 and ChestXray8 only)."
+            )
+    title = f"## {', '.join(datasets)}: K = {', '.join(map(str, ks))}"
+    return "\n".join([title, "", *md, *notes, ""]), rows
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    path.write_text(buf.getvalue())
+
+
+def write_table(runs_dir: Path, paper: bool = True) -> str:
+    """Write table.md and table.csv into `runs_dir`; returns the Markdown."""
+    markdown, rows = build_table(load_summaries(runs_dir), paper=paper)
+    (Path(runs_dir) / "table.md").write_text(markdown)
+    _write_csv(Path(runs_dir) / "table.csv", rows)
+    return markdown
+
+
+# ------------------------------------------------------------------------------- grid
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def write_grid_outputs(
+    out: Path,
+    keys: Sequence[str],
+    results: Sequence[GridResult],
+) -> None:
+    """grid.md, grid.csv and grid_<first parameter>.png of a grid's results into `out`."""
+    ks = sorted({k for _, k, _ in results})
+    combos = list(dict.fromkeys(combo for combo, _, _ in results))
+    by = {(combo, k): s for combo, k, s in results}
+    header = [*keys] + [f"{TABLE_METRICS[m]} K={k}" for m in TABLE_METRICS for k in ks]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    for combo in combos:
+        cells = [v for _, v in combo]
+        row: dict[str, Any] = dict(combo)
+        for m in TABLE_METRICS:
+            for k in ks:
+                stat = by[(combo, k)]["metrics"].get(m) if (combo, k) in by else None
+                cells.append(_pct(stat))
+                mean = stat.get("mean") if stat else None
+                std = stat.get("std") if stat else None
+                row[f"{m}_k{k}_mean_pct"] = None if mean is None else 100 * mean
+                row[f"{m}_k{k}_std_pct"] = None if std is None else 100 * std
+        md.append("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.md").write_text(
+        "\n".join(md) + "\n\nMean ± std over the seeds in percent, last checkpoint.\n"
+    )
+    _write_csv(out / "grid.csv", rows)
+    _plot_grid(out / f"grid_{keys[0].replace('/', '_')}.png", keys, combos, ks, by)
+
+
+def _plot_grid(
+    path: Path,
+    keys: Sequence[str],
+    combos: Sequence[tuple[tuple[str, str], ...]],
+    ks: Sequence[int],
+    by: dict[tuple[tuple[tuple[str, str], ...], int], dict[str, Any]],
+) -> None:
+    """One panel per metric against the first parameter; one line per K (and other params)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_values = list(dict.fromkeys(combo[0][1] for combo in combos))
+    numeric = all(_as_number(v) is not None for v in x_values)
+    xs = {v: (_as_number(v) if numeric else i) for i, v in enumerate(x_values)}
+    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(4 * len(TABLE_METRICS), 3.5))
+    for ax, (metric, title) in zip(axes, TABLE_METRICS.items(), strict=True):
+        rest_combos = list(dict.fromkeys(combo[1:] for combo in combos))
+        for rest in rest_combos:
+            for k in ks:
+                pts = []
+                for v in x_values:
+                    s = by.get((((keys[0], v), *rest), k))
+                    stat = s["metrics"].get(metric) if s else None
+                    if stat and stat.get("mean") is not None:
+                        pts.append((xs[v], 100 * stat["mean"], 100 * (stat.get("std") or 0.0)))
+                if not pts:
+                    continue
+                label = f"K={k}" + "".join(f", {kk}={vv}" for kk, vv in rest)
+                px, py, pe = zip(*sorted(pts), strict=True)
+                ax.errorbar(px, py, yerr=pe, marker="o", capsize=3, label=label)
+        ax.set_title(f"{title} (%)")
+        ax.set_xlabel(keys[0])
+        if numeric and len(x_values) > 1 and min(xs.values()) > 0:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(list(xs.values()), x_values)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""PathoScope's hyperparameters, one frozen dataclass per concern.
+
+The LightningModule takes one argument per group, so a YAML nests them and any key can be
+overridden from the command line (`--model.pieg.eta 0.05`, `--model.bank.max_anchors 1024`).
+Defaults are the paper's unless marked (GLASS) or (ours); docs/configs.md says how to add one.
+Each group also accepts a plain mapping (`coerce`), which is how checkpoints store them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, TypeVar
+
+GroupT = TypeVar("GroupT")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NetworkParams:
+    """The networks E and D.
+
+    Args:
+        pretrained: load timm's `resnet18.tv_in1k` into the frozen backbone E.
+        weights: a local ResNet18 state dict (.pth / .safetensors); wins over `pretrained`.
+        hidden_dim: width of the discriminator D's hidden layer (GLASS: 1024).
+    """
+
+    pretrained: bool = True
+    weights: str | None = None
+    hidden_dim: int = 1024
+
+
+@dataclass(frozen=True)
+class PiEGParams:
+    """Pathology-informed Embedding Generation (Eq. 3).
+
+    Args:
+        enabled: run the gradient steps; False leaves v_s = v_n plus the Gaussian start only
+            (the SimpleNet-style ablation).
+        eta: step size (paper Fig. 5: 0.01 BraTS2020, 0.05 ChestXray8).
+        steps: T, the number of steps (paper: 20).
+        direction: "descent" (ours, the default): each step moves v_s down the gradient of its
+            L_global terms, so D(v_s) rises and v_s leaves the normal anchors, as the paper's text
+            describes the generated embeddings. "ascent": Eq. 3's printed sign (GLASS's hard
+            negatives; the GLASS baselines use it). docs/design.md gives the measurements.
+        noise_std: std of the Gaussian start (GLASS / SimpleNet: 0.015).
+        noise_mean: mean of the Gaussian start (ours: 0).
+        keep_noise: keep the start in v_s (the iterative reading); False = Eq. 3 as printed.
+        units: "absolute" (the paper's: eta and the noise in feature units, sized for ImageNet
+            ResNet18 features) or "distance_scale" (ours: multiplied by the bank's
+            distance_scale, the same fraction of the anchor spacing for any backbone).
+        min_distance: radius r in units of the bank's distance_scale (ours; 0 = off): the minimum
+            ||v_s - v_n|| per position, or with `projection` GLASS's bounded forms.
+        projection: "none", "hypersphere" (||v_s - v_n|| in [r, 2r]) or "manifold" (the distance
+            of v_s to its nearest anchor in [r, 2r]); see `pathoscope.pieg.project`.
+    """
+
+    enabled: bool = True
+    eta: float = 0.01
+    steps: int = 20
+    direction: Literal["descent", "ascent"] = "descent"
+    noise_std: float = 0.015
+    noise_mean: float = 0.0
+    keep_noise: bool = True
+    units: Literal["absolute", "distance_scale"] = "absolute"
+    min_distance: float = 0.0
+    projection: Literal["none", "hypersphere", "manifold"] = "none"
+
+    def __post_init__(self) -> None:
+        _check_choice("pieg.direction", self.direction, ("descent", "ascent"))
+        _check_choice("pieg.units", self.units, ("absolute", "distance_scale"))
+        _check_choice("pieg.projection", self.projection, ("none", "hypersphere", "manifold"))
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The training losses (Eq. 1, 2, 4, 5, 6).
+
+    Args:
+        use_local_contrast: the L_LC term (Eq. 1); off in the paper's "L_GC" ablation.
+        use_global_contrast: the L_GC term (Eq. 4); off in the paper's "L_LC" ablation.
+        lambda_pull: tritanh's lambda_0 on distances / distance_scale (ours; the paper leaves it open).
+        lambda_push: tritanh's lambda_1 (ours).
+        eps: tritanh's epsilon (ours).
+        focal_gamma: focal loss gamma (GLASS: 2).
+        lesion_min_fraction: a feature cell is lesion when this fraction of its pixels is (ours;
+            GLASS max-pools). The data's lesion synthesis uses the same value (linked by the CLI).
+        global_in_foreground: Eq. 4 averages inside the foreground (ours; the paper averages all).
+    """
+
+    use_local_contrast: bool = True
+    use_global_contrast: bool = True
+    lambda_pull: float = 1.0
+    lambda_push: float = 1.0
+    eps: float = 1e-6
+    focal_gamma: float = 2.0
+    lesion_min_fraction: float = 0.5
+    global_in_foreground: bool = True
+
+
+@dataclass(frozen=True)
+class BankParams:
+    """The prototypical anchor bank.
+
+    Args:
+        coreset_ratio: fraction of the features kept as anchors (PatchCore: 10%).
+        max_anchors: at most this many anchors (ours).
+        copies: augmented copies of each of the K shots that go into the bank (ours).
+        heldout_copies: further copies, never in the bank, that set its distance_scale (ours).
+        seed: seed of the copies and of the coreset's random projection (ours).
+        backend: "faiss" (CPU index) or "torch" (chunked search, same answers, GPU friendly).
+        knn_candidates: candidates per position for PiEG's exact search (ours; speed only).
+    """
+
+    coreset_ratio: float = 0.1
+    max_anchors: int = 4096
+    copies: int = 4
+    heldout_copies: int = 1
+    seed: int = 0
+    backend: Literal["faiss", "torch"] = "faiss"
+    knn_candidates: int = 8
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """From patch scores to the anomaly map, the image score and the threshold tau.
+
+    Args:
+        source: "discriminator" (the method) or "anchor_distance" (the PatchCore-style
+            nearest-anchor baseline: the distance in units of distance_scale, no training needed).
+        blur_sigma: Gaussian blur of the upsampled map, in pixels (GLASS: 4).
+        tau_quantile: quantile of the validation normals' scores used as tau (ours).
+    """
+
+    source: Literal["discriminator", "anchor_distance"] = "discriminator"
+    blur_sigma: float = 4.0
+    tau_quantile: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check_choice("scoring.source", self.source, ("discriminator", "anchor_distance"))
+
+
+@dataclass(frozen=True)
+class OptimParams:
+    """The two optimisers (GLASS's values).
+
+    Args:
+        lr_adapter: Adam learning rate of the adapter f (GLASS: 1e-4).
+        weight_decay_adapter: its weight decay (GLASS: 1e-5).
+        lr_discriminator: AdamW learning rate of the discriminator D (GLASS: 2e-4).
+        weight_decay_discriminator: its weight decay (AdamW's default 0.01).
+    """
+
+    lr_adapter: float = 1e-4
+    weight_decay_adapter: float = 1e-5
+    lr_discriminator: float = 2e-4
+    weight_decay_discriminator: float = 0.01
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Every group the torch model needs (the optimisers belong to the LightningModule)."""
+
+    network: NetworkParams = NetworkParams()
+    pieg: PiEGParams = PiEGParams()
+    losses: LossParams = LossParams()
+    bank: BankParams = BankParams()
+    scoring: ScoringParams = ScoringParams()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # mappings (from checkpoints) become their group's dataclass
+            object.__setattr__(self, f.name, coerce(type(f.default), getattr(self, f.name)))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dicts, as checkpoints and YAML hold them."""
+        return asdict(self)
+
+
+def coerce(cls: type[GroupT], value: GroupT | Mapping[str, Any]) -> GroupT:
+    """`value` as a `cls` instance: returned as is, or built from a mapping of its fields."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{cls.__name__}: expected {cls.__name__} or a mapping, got {value!r}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}: unknown key(s) {unknown}; expected some of {sorted(known)}"
+        )
+    return cls(**value)

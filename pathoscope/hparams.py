@@ -91,6 +91,10 @@ class LossParams:
         lesion_min_fraction: a feature cell is lesion when this fraction of its pixels is (ours;
             GLASS max-pools). The data's lesion synthesis uses the same value (linked by the CLI).
         global_in_foreground: Eq. 4 averages inside the foreground (ours; the paper averages all).
+        synthetic_in_foreground: PiEG generates v_s only at the foreground cells, and BCE(D(v_s), 1)
+            is taken there (ours; the paper perturbs every cell). Background cells of an MRI slice
+            are all alike and never anomalous; perturbing them teaches D nothing about anatomy
+            and costs half of PiEG's discriminator passes.
     """
 
     use_local_contrast: bool = True
@@ -101,6 +105,7 @@ class LossParams:
     focal_gamma: float = 2.0
     lesion_min_fraction: float = 0.5
     global_in_foreground: bool = True
+    synthetic_in_foreground: bool = False
 
 
 @dataclass(frozen=True)

@@ -136,16 +136,21 @@ class PathoScopeModel(nn.Module):
 
         # BatchNorm statistics of the real features, frozen for PiEG's passes through D.
         bn_stats = tuple(s.detach() for s in self.discriminator.batch_stats(torch.cat([v_n, v_p])))
+        # PiEG's input: every cell of v_n, or (synthetic_in_foreground) the foreground cells as
+        # one (1, N, 1, C) "image", whose Eq. 4 mean is then over the batch's foreground cells.
+        base, region = v_n, foreground
+        if lo.synthetic_in_foreground and foreground is not None and bool(foreground.any()):
+            base, region = v_n.reshape(-1, c)[foreground.reshape(-1)].reshape(1, -1, 1, c), None
         search = None
         d_global_n = None
         if lo.use_global_contrast:
-            search = CandidateSearch(self.bank, v_n.reshape(-1, c), k=self.hp.bank.knn_candidates)
-            d_global_n = global_distance(v_n, self.bank, foreground, search=search.nearest)
+            search = CandidateSearch(self.bank, base.reshape(-1, c), k=self.hp.bank.knn_candidates)
+            d_global_n = global_distance(base, self.bank, region, search=search.nearest)
 
         def global_terms(v_s: Tensor) -> Tensor:  # the v_s-dependent terms of Eq. 6
             loss = bce(self.discriminator(v_s, bn_stats=bn_stats), 1.0)
             if d_global_n is not None:
-                d_s = global_distance(v_s, self.bank, foreground, search=search.nearest)
+                d_s = global_distance(v_s, self.bank, region, search=search.nearest)
                 loss = loss + tritanh(
                     d_global_n.detach(), d_s, lo.lambda_pull, lo.lambda_push, lo.eps
                 )
@@ -154,7 +159,7 @@ class PathoScopeModel(nn.Module):
         gen = torch.Generator().manual_seed(int(step) * 7919 + self.hp.bank.seed)
         unit = self.pieg_unit()
         v_s = pieg(
-            v_n,
+            base,
             global_terms,
             eta=pg.eta * unit if pg.enabled else 0.0,
             steps=pg.steps if pg.enabled else 0,
@@ -170,18 +175,22 @@ class PathoScopeModel(nn.Module):
         )
 
         # D once on [v_n, v_p, v_s]: one BatchNorm batch (Eq. 5, Eq. 6).
-        logits = self.discriminator(torch.cat([v_n, v_p, v_s]))
-        l_n, l_p, l_s = logits.split(b)
+        logits = self.discriminator(
+            torch.cat([v_n.reshape(-1, c), v_p.reshape(-1, c), v_s.reshape(-1, c)])
+        )
+        n_cells = v_n.shape[0] * v_n.shape[1] * v_n.shape[2]
+        l_n, l_p, l_s = logits.split([n_cells, n_cells, logits.shape[0] - 2 * n_cells])
+        l_n, l_p = l_n.reshape(v_n.shape[:3]), l_p.reshape(v_n.shape[:3])
         out["focal"] = focal_loss(l_p, lesion, lo.focal_gamma)
         out["bce_n"] = bce(l_n, 0.0)
         out["bce_s"] = bce(l_s, 1.0)
         if d_global_n is not None:
-            d_global_s = global_distance(v_s, self.bank, foreground, search=search.nearest)
+            d_global_s = global_distance(v_s, self.bank, region, search=search.nearest)
             out["gc"] = tritanh(d_global_n, d_global_s, lo.lambda_pull, lo.lambda_push, lo.eps)
         out["loss"] = sum(out[k] for k in ("focal", "lc", "bce_n", "bce_s", "gc") if k in out)
         with torch.no_grad():
             out["pieg_shift"] = (
-                torch.linalg.vector_norm(v_s - v_n, dim=-1).mean() / self.bank.distance_scale
+                torch.linalg.vector_norm(v_s - base, dim=-1).mean() / self.bank.distance_scale
             )
             out["d_s_minus_d_n"] = torch.sigmoid(l_s).mean() - torch.sigmoid(l_n).mean()
         return out

@@ -310,3 +310,45 @@ def test_pieg_direction_reaches_pieg(
     model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
     model.training_losses(next(iter(dm.train_dataloader())))
     assert seen == [expected]
+
+
+def test_synthetic_in_foreground_perturbs_and_scores_only_foreground_cells(
+    brats_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With losses.synthetic_in_foreground, PiEG receives exactly the foreground cells of v_n (in
+    order) and BCE(D(v_s), 1) is their mean; without it, every cell."""
+    import pathoscope.torch_model as model_module
+    from pathoscope.losses import bce, mask_to_grid
+
+    seen: dict[str, torch.Tensor] = {}
+    real = model_module.pieg
+
+    def spy(base: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen["base"] = base.detach().clone()
+        seen["v_s"] = real(base, *args, **kwargs)
+        return seen["v_s"]
+
+    monkeypatch.setattr(model_module, "pieg", spy)
+    L.seed_everything(0)
+    dm = _datamodule(brats_root)
+    batch = next(iter(dm.train_dataloader()))
+    for on in (False, True):
+        model = _model(losses={"synthetic_in_foreground": on}).model
+        model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+        out = model.training_losses(batch)
+        v_n = model.embed(batch["image"]).detach()
+        fg = mask_to_grid(batch["foreground"], tuple(v_n.shape[1:3]), 0.5)
+        expected = v_n[fg] if on else v_n.reshape(-1, v_n.shape[-1])
+        assert 0 < fg.sum() < fg.numel()  # the batch has background cells
+        torch.testing.assert_close(seen["base"].reshape(-1, v_n.shape[-1]), expected)
+        model.discriminator.train()
+        logits = model.discriminator(
+            torch.cat(
+                [
+                    v_n.reshape(-1, 384),
+                    model.embed(batch["lesion_image"]).detach().reshape(-1, 384),
+                    seen["v_s"].detach().reshape(-1, 384),
+                ]
+            )
+        )
+        torch.testing.assert_close(out["bce_s"], bce(logits[2 * v_n[..., 0].numel() :], 1.0))

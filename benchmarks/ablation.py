@@ -69,6 +69,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "eta and noise in units of the bank's distance_scale",
         ["--model.pieg.units=distance_scale"],
     ),
+    "synthetic_fg": (
+        "PiEG and BCE(D(v_s), 1) on foreground cells only",
+        ["--model.losses.synthetic_in_foreground=true"],
+    ),
+    "ema": (
+        "exponential moving average of the weights, decay 0.99",
+        ["--model.optim.ema_decay=0.99"],
+    ),
     "local_only": ("L_LC only (no L_GC)", ["--model.losses.use_global_contrast=false"]),
     "global_only": ("L_GC only (no L_LC)", ["--model.losses.use_local_contrast=false"]),
     "no_contrast": (
@@ -263,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         for s in seeds
         if not (args.out / v / f"k{args.shots}" / f"seed{s}.json").is_file()
     ]
-    own = [a for a in sys.argv[1:] if a not in ("--jobs",)] if argv is None else list(argv)
+    own = [
+        f"--data-root={args.data_root}",
+        f"--shots={args.shots}",
+        f"--max-steps={args.max_steps}",
+        f"--eval-every={args.eval_every}",
+        f"--out={args.out}",
+        *overrides,
+    ]
     running: list[subprocess.Popen] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else dict(os.environ)
     for variant, seed in todo:

@@ -159,12 +159,19 @@ class OptimParams:
         weight_decay_adapter: its weight decay (GLASS: 1e-5).
         lr_discriminator: AdamW learning rate of the discriminator D (GLASS: 2e-4).
         weight_decay_discriminator: its weight decay (AdamW's default 0.01).
+        ema_decay: validate, test and save an exponential moving average of the adapter's and
+            D's weights with this decay per step (ours; 0 = off, the last weights).
     """
 
     lr_adapter: float = 1e-4
     weight_decay_adapter: float = 1e-5
     lr_discriminator: float = 2e-4
     weight_decay_discriminator: float = 0.01
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathoscope.checkpoint import (
     model_params,
     read_checkpoint,
 )
+from pathoscope.ema import WeightEMA
 from pathoscope.folded import FoldedDetector
 from pathoscope.hparams import (
     BankParams,
@@ -63,6 +64,9 @@ class PathoScope(L.LightningModule):
         self.model = PathoScopeModel(network, pieg, losses, bank, scoring)
         self.optim = coerce(OptimParams, optim)
         self.save_hyperparameters({**self.model.hp.to_dict(), "optim": asdict(self.optim)})
+        self._ema: WeightEMA | None = None  # during fit with optim.ema_decay > 0
+        self._ema_swapped = False  # the average is in the model (validation)
+        self._ema_resume: dict[str, Any] | None = None  # raw weights from a resumed checkpoint
 
     # -- what callbacks and reports read ------------------------------------------------------------
     @property
@@ -117,14 +121,27 @@ class PathoScope(L.LightningModule):
             "weights": self.model.weights_tag,
             "preprocessing": self.model.preprocessing,
         }
+        if self._ema is not None:
+            # The checkpoint's weights are the averaged ones (what inference uses); the raw
+            # weights and the average's step count let a resumed fit continue both.
+            ema, state = self._ema, checkpoint["state_dict"]
+            averaged = {k: state[k].clone() for k in ema.shadow} if self._ema_swapped else {}
+            raw = dict(ema.shadow) if self._ema_swapped else {k: state[k] for k in ema.shadow}
+            state.update({k: v.clone() for k, v in (averaged or ema.shadow).items()})
+            checkpoint["pathoscope"]["ema"] = {
+                "updates": ema.updates,
+                "raw": {k: v.clone() for k, v in raw.items()},
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = check_version(checkpoint, "checkpoint")
         self.model.weights_tag = meta["weights"]
         self.model.preprocessing = dict(meta.get("preprocessing") or {})
+        self._ema_resume = meta.get("ema")
 
     # -- fit ----------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self._start_ema()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "preprocessing"):
             self.model.preprocessing = dict(dm.preprocessing())
@@ -137,6 +154,31 @@ class PathoScope(L.LightningModule):
         bank = self.model.hp.bank
         batch = dm.anchor_images(copies=bank.copies + bank.heldout_copies, seed=bank.seed)
         self.model.build_bank(batch["image"], n_bank_images=dm.shots * (1 + bank.copies))
+
+    def _start_ema(self) -> None:
+        """The weight average of a fit (optim.ema_decay > 0); a resumed fit continues its own."""
+        self._ema, self._ema_swapped = None, False
+        if self.optim.ema_decay <= 0.0:
+            return
+        trained = {
+            "model.adapter": self.model.adapter,
+            "model.discriminator": self.model.discriminator,
+        }
+        self._ema = WeightEMA(trained, self.optim.ema_decay)  # shadow = the weights as loaded
+        resume, self._ema_resume = self._ema_resume, None
+        if resume is not None:  # those were the average: the raw ones come back into the model
+            self._ema.load_state_dict({"updates": resume["updates"], **resume["raw"]})
+            self._ema.swap()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._ema is not None:
+            self._ema.update()
+
+    def on_train_end(self) -> None:
+        """After training the model keeps the averaged weights (test, checkpoints, predict)."""
+        if self._ema is not None and not self._ema_swapped:
+            self._ema.swap()
+        self._ema, self._ema_swapped = None, False
 
     def configure_optimizers(self) -> JointOptimizer:
         return JointOptimizer(
@@ -177,6 +219,9 @@ class PathoScope(L.LightningModule):
         )
 
     def on_validation_epoch_start(self) -> None:
+        if self._ema is not None and not self._ema_swapped:  # validate the averaged weights
+            self._ema.swap()
+            self._ema_swapped = True
         self._set_folded()
 
     def on_test_epoch_start(self) -> None:
@@ -184,6 +229,9 @@ class PathoScope(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.__dict__.pop("_folded", None)
+        if self._ema is not None and self._ema_swapped:
+            self._ema.swap()
+            self._ema_swapped = False
 
     def on_test_epoch_end(self) -> None:
         self.__dict__.pop("_folded", None)

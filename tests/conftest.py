@@ -2,6 +2,8 @@
 
 `brats_root`: 20 BraTS2020-style subjects of 64 x 64 x 100 (default slice_range 60..90 fits;
 subject 020 has a misnamed segmentation and is skipped by BraTSDataModule).
+`anatomy_root`: the demo's set (`make-demo-data --kind anatomy`): 20 BraTS2020-style subjects of
+128 x 128 x 100 whose brains come from the MNI152 template (written once, ~15 s).
 `chestxray_root`: 60 ChestX-ray8-style PNGs of 64 x 64 (30 normal, 30 abnormal) with
 Data_Entry_2017.csv, BBox_List_2017.csv and patient-disjoint split lists.
 Both are written once per session; tests must treat them as read-only (copy them to change
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from data_modules.synthetic import write_brats, write_chestxray8
+from data_modules.synthetic import make_demo_data, write_brats, write_chestxray8
 
 BRATS_SHAPE = (64, 64, 100)
 BRATS_SUBJECTS = 20
@@ -31,6 +33,12 @@ def brats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_brats(
         tmp_path_factory.mktemp("brats"), n_subjects=BRATS_SUBJECTS, shape=BRATS_SHAPE, seed=0
     )
+
+
+@pytest.fixture(scope="session")
+def anatomy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's realistic BraTS set, exactly as `make train` writes it (read-only)."""
+    return make_demo_data("brats", tmp_path_factory.mktemp("anatomy"), kind="anatomy")
 
 
 @pytest.fixture(scope="session")

@@ -104,20 +104,41 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathoscope.app.experiments import train
+    import json
 
-    base = train(
+    import yaml
+
+    from pathoscope.app.configs import DEFAULT_CONFIG, config_files, dataset_choices
+    from pathoscope.app.experiments import train
+    from pathoscope.app.reporting import build_table
+
+    common = dict(
         dataset=args.dataset,
         shots=args.shots,
         repeats=args.repeats,
-        config_name=args.config_name,
         data_root=args.data_root,
         logger=args.logger,
         runs_root=args.runs,
         max_steps=args.max_steps,
         overrides=extra,
     )
+    base = train(config_name=args.config_name, **common)
     print((base / "summary.md").read_text())
+    choice = dataset_choices().get(args.dataset)
+    if args.config_name.removesuffix(".yaml") != DEFAULT_CONFIG or choice is None:
+        return 0
+    folders = [base]
+    for config in choice.compare_with:
+        # A baseline that trains nothing (trainer.max_steps: 0 in its file) keeps its 0 steps.
+        untrained = (yaml.safe_load(config_files(args.dataset, config)[-1].read_text()) or {}).get(
+            "trainer", {}
+        ).get("max_steps") == 0
+        folders.append(
+            train(config_name=config, **{**common, **({"max_steps": None} if untrained else {})})
+        )
+    if len(folders) > 1:  # the method beside its baselines on the same data and seeds
+        summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
+        print(build_table(summaries, paper=False)[0])
     return 0
 
 

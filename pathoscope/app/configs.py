@@ -30,6 +30,7 @@ class DatasetChoice:
     configs: tuple[str, ...]  # experiment files, relative to experiments/, in order
     data_root: str | None = None  # used when no --data-root is given
     demo_data: dict[str, Any] = field(default_factory=dict)  # make_demo_data's arguments
+    compare_with: tuple[str, ...] = ()  # configs `train` also runs and tables beside the method
 
 
 def experiments_dir() -> Path:
@@ -61,7 +62,7 @@ def dataset_choices() -> dict[str, DatasetChoice]:
     for name, entry in entries.items():
         if not isinstance(entry, Mapping) or not entry.get("configs"):
             raise ValueError(f"{path}: dataset {name!r} needs a non-empty `configs` list")
-        unknown = set(entry) - {"configs", "data_root", "demo_data"}
+        unknown = set(entry) - {"configs", "data_root", "demo_data", "compare_with"}
         if unknown:
             raise ValueError(f"{path}: dataset {name!r} has unknown keys {sorted(unknown)}")
         choices[str(name)] = DatasetChoice(
@@ -69,6 +70,7 @@ def dataset_choices() -> dict[str, DatasetChoice]:
             tuple(str(c) for c in entry["configs"]),
             entry.get("data_root"),
             dict(entry.get("demo_data") or {}),
+            tuple(str(c) for c in entry.get("compare_with") or ()),
         )
     return choices
 

@@ -29,8 +29,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser as JsonArgumentParser
-
 FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
 EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
 
@@ -186,44 +184,12 @@ def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_show_data(args: argparse.Namespace, extra: list[str]) -> int:
     from data_modules.visualize import show_data_grid
+    from pathoscope.app.data import build_datamodule
 
     datamodule = build_datamodule(args.config, extra)
     out = show_data_grid(datamodule, args.out)
     print(f"wrote {out}")
     return 0
-
-
-def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
-    """The data module of experiment YAMLs (their `data` sections, and the lesion threshold the
-    model's `losses.lesion_min_fraction` links to it) plus `--data.*` overrides."""
-    import yaml
-
-    from data_modules.common import FewShotDataModule
-    from pathoscope.app.configs import defaults_file
-
-    for path in configs:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-    parser = JsonArgumentParser(exit_on_error=False)
-    parser.add_argument("--config", action="append", default=[])
-    parser.add_subclass_arguments(FewShotDataModule, "data", required=True)
-
-    data_args: list[str] = []
-    fraction = None
-    for path in [defaults_file(), *configs]:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-        losses = (config.get("model") or {}).get("losses") or {}
-        fraction = losses.get("lesion_min_fraction", fraction)
-        if config.get("data") is not None:
-            data_args += ["--data", yaml.safe_dump(config["data"])]
-    if fraction is not None:
-        data_args.append(f"--data.lesion_min_fraction={fraction}")
-    wanted = [a for a in overrides]
-    bad = [a for a in wanted if a.startswith("--") and not a.startswith("--data")]
-    if bad:
-        raise ValueError(f"show-data: only --data.* overrides are accepted, got {bad[0]}")
-    cfg = parser.parse_args(data_args + wanted)
-    return parser.instantiate_classes(cfg).data
 
 
 def _no_extra(extra: list[str], verb: str) -> None:

@@ -56,14 +56,19 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=FONT_SIZE)
 
 
-def text_strip(lines: Sequence[str], width: int, height: int | None = None) -> np.ndarray:
-    """(height, width, 3) uint8: white `lines` on black, LINE_HEIGHT rows each."""
+def text_strip(
+    lines: Sequence[str],
+    width: int,
+    height: int | None = None,
+    fill: tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray:
+    """(height, width, 3) uint8: `lines` in `fill` (white) on black, LINE_HEIGHT rows each."""
     height = height if height is not None else 4 + LINE_HEIGHT * len(lines)
     strip = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(strip)
     font = _font()
     for i, line in enumerate(lines):
-        draw.text((4, 2 + LINE_HEIGHT * i), line, fill=(255, 255, 255), font=font)
+        draw.text((4, 2 + LINE_HEIGHT * i), line, fill=fill, font=font)
     return np.asarray(strip)
 
 

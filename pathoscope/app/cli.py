@@ -12,7 +12,8 @@ earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
   sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
   make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
-  predict, export, bench  (their own modules: pathoscope.app.predict.run, .export, .bench.run)
+  predict, export, bench, embeddings, maps  (their own modules: pathoscope.app.predict.run,
+                  .export, .bench.run, .figures.embeddings, .figures.map_grid)
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
 line on stderr and exit status 2, never a traceback.
@@ -54,6 +55,11 @@ Other verbs:
   bench           speed and cost benchmarks
   make-demo-data  write a synthetic BraTS / ChestX-ray8 set in the real on-disk format
   show-data       PNG grid of the training, synthetic-lesion and test images of a config
+
+Figures:
+  embeddings      t-SNE of normal, pathological, PiEG and Gaussian embeddings of a trained run,
+                  and how close PiEG's lie to real pathology
+  maps            anomaly maps of a few fixed test slices across the configs and K of a runs folder
 """
 
 
@@ -233,6 +239,8 @@ _MODULE_VERBS: dict[str, tuple[str, str]] = {
     "predict": ("pathoscope.app.predict.run", "anomaly maps for new images from a checkpoint"),
     "export": ("pathoscope.app.export", "export a checkpoint"),
     "bench": ("pathoscope.app.bench.run", "speed and cost benchmarks (writes bench.json)"),
+    "embeddings": ("pathoscope.app.figures.embeddings", "embeddings of a trained run in 2-D"),
+    "maps": ("pathoscope.app.figures.map_grid", "maps of fixed test slices across runs"),
 }
 
 

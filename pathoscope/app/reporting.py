@@ -193,7 +193,8 @@ def load_summaries(runs_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _config_order(name: str) -> tuple[int, str]:
+def config_order(name: str) -> tuple[int, str]:
+    """Sort key of configs in tables and figures: the method, then ablations, then the rest."""
     if name == DEFAULT_CONFIG:
         return (0, name)
     return (1 if name.startswith("ablation/") else 2, name)
@@ -215,7 +216,7 @@ def build_table(
     header = ["Method", "Source", "Repeats"] + [f"{TABLE_METRICS[m]} K={k}" for m, k in columns]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows: list[dict[str, Any]] = []
-    for config in sorted(by_config, key=_config_order):
+    for config in sorted(by_config, key=config_order):
         per_k = by_config[config]
         repeats = sorted({int(s.get("repeats", 0)) for s in per_k.values()})
         cells = [_pct(per_k[k]["metrics"].get(m)) if k in per_k else "-" for m, k in columns]
@@ -285,7 +286,7 @@ def write_table(runs_dir: Path, paper: bool = True) -> str:
     _write_csv(Path(runs_dir) / "table.csv", rows)
     datasets = sorted({str(s.get("dataset")) for s in summaries})
     refs = [r for d in datasets for r in paper_rows(d)] if paper else []
-    configs = sorted({str(s["config"]) for s in summaries}, key=_config_order)
+    configs = sorted({str(s["config"]) for s in summaries}, key=config_order)
     plot_metrics_vs_k(summaries, TABLE_METRICS, refs, Path(runs_dir) / SHOTS_FILE, configs)
     return markdown
 

@@ -89,7 +89,8 @@ class AnomalyPanels(Callback):
         enabled: False writes and logs nothing.
         false_alarms, misses, random: how many items of each group.
         seed: the random group's seed.
-        output_dir: parent of `panels/`; None = trainer.log_dir, else default_root_dir.
+        output_dir: parent of `panels/`; None = the AnomalyMetrics callback's output_dir (beside
+            metrics.json), and when that is None too, trainer.log_dir, else default_root_dir.
 
     Needs an AnomalyMetrics callback in the same trainer (its test predictions and tau are used)
     and a map-style test dataset whose item `index` is its position (the images are read back
@@ -127,7 +128,9 @@ class AnomalyPanels(Callback):
             return
         metrics_cb = _metrics_callback(trainer)
         data = metrics_cb.results.get("test")
-        out_dir = resolve_output_dir(trainer, self.output_dir) / PANELS_DIR  # every rank
+        # Next to metrics.json unless told otherwise (on every rank: log_dir is a collective).
+        parent = self.output_dir if self.output_dir is not None else metrics_cb.output_dir
+        out_dir = resolve_output_dir(trainer, parent) / PANELS_DIR
         if data is None or len(data) == 0 or not trainer.is_global_zero:
             return
         tau = metrics_cb.metrics["test"]["tau"]

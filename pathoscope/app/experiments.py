@@ -116,7 +116,6 @@ def run_one(
         f"--trainer.default_root_dir={tmp}",
         f"--checkpoint.dirpath={tmp}",
         f"--metrics.output_dir={tmp}",
-        f"--panels.output_dir={tmp}",
         "--metrics.save_predictions=true",
     ]
     custom_logger = any(a.startswith("--trainer.logger") for a in overrides)

@@ -82,8 +82,8 @@ class PathoScopeCLI(LightningCLI):
     * `--metrics.*`: the AnomalyMetrics callback, always present (validation sets tau; test
       writes metrics.json into `--metrics.output_dir`, default the trainer's log_dir).
     * `--panels.*`: the AnomalyPanels callback, always present: after a test, panels of the
-      false alarms, misses and a random sample into `<--panels.output_dir>/panels/` (default the
-      trainer's log_dir), and to W&B with a WandbLogger; `--panels.enabled false` turns it off.
+      false alarms, misses and a random sample into `panels/` beside metrics.json (or under
+      `--panels.output_dir`), and to W&B with a WandbLogger; `--panels.enabled false` turns it off.
     * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no
       selection on any score), rewritten at every epoch end. Resuming after an interruption:
       the same command with `--checkpoint.dirpath DIR --ckpt_path last`.

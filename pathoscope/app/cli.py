@@ -13,7 +13,7 @@ earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
   make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
   predict, export, bench, embeddings, maps  (their own modules: pathoscope.app.predict.run,
-                  .export, .bench.run, .figures.embeddings, .figures.map_grid)
+                  .export, .bench.run, .embeddings, .maps)
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
 line on stderr and exit status 2, never a traceback.
@@ -239,8 +239,8 @@ _MODULE_VERBS: dict[str, tuple[str, str]] = {
     "predict": ("pathoscope.app.predict.run", "anomaly maps for new images from a checkpoint"),
     "export": ("pathoscope.app.export", "export a checkpoint"),
     "bench": ("pathoscope.app.bench.run", "speed and cost benchmarks (writes bench.json)"),
-    "embeddings": ("pathoscope.app.figures.embeddings", "embeddings of a trained run in 2-D"),
-    "maps": ("pathoscope.app.figures.map_grid", "maps of fixed test slices across runs"),
+    "embeddings": ("pathoscope.app.embeddings", "embeddings of a trained run in 2-D"),
+    "maps": ("pathoscope.app.maps", "maps of fixed test slices across runs"),
 }
 
 

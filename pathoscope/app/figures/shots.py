@@ -13,20 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pathoscope.app.paper_tables import PaperRow
-
 SHOTS_FILE = "metrics_vs_k.png"
 
 
 def plot_metrics_vs_k(
     summaries: Sequence[dict[str, Any]],
     metrics: dict[str, str],
-    paper: Sequence[PaperRow],
+    paper: Sequence[Any],
     out_path: Path,
     order: Sequence[str] | None = None,
 ) -> Path:
-    """Write the figure of the module docstring; `metrics` maps keys to titles, `order` the
-    configs' order (default sorted)."""
+    """Write the figure of the module docstring; `metrics` maps keys to titles, `paper` holds
+    `pathoscope.app.paper_tables.PaperRow`s, `order` the configs' order (default sorted)."""
     import matplotlib
 
     matplotlib.use("Agg")

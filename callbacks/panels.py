@@ -147,42 +147,25 @@ class AnomalyPanels(Callback):
         dataset = _test_dataset(trainer)
         value_range = (float(data.maps.min()), float(data.maps.max()))
         out_dir.mkdir(parents=True, exist_ok=True)
-        entries, panels, small, captions = [], [], {g: [] for g in GROUPS}, []
+        entries, panels, captions = [], [], []
+        small: dict[str, list[np.ndarray]] = {g: [] for g in GROUPS}
         for group, rows in groups.items():
             for rank, r in enumerate(rows.tolist(), 1):
-                image = _image_at(dataset, data, r)
                 title = _title(group, rank, data, r, tau)
-                args = (data.maps[r], data.gt_masks[r], tau, title, value_range)
-                panel = _panel(image, *args, size=data.maps.shape[1])
+                args = (_image_at(dataset, data, r), data.maps[r], data.gt_masks[r], tau, title)
+                size = data.maps.shape[1]
+                panel = _panel(*args, value_range, size)
                 small[group].append(
-                    _panel(
-                        image,
-                        *args,
-                        size=min(OVERVIEW_TILE, data.maps.shape[1]),
-                        tile=OVERVIEW_TILE,
-                    )
+                    _panel(*args, value_range, min(OVERVIEW_TILE, size), tile=OVERVIEW_TILE)
                 )
-                name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(data.subject[r]))
-                path = (
-                    out_dir
-                    / f"{group}_{rank}_{int(data.index[r]):05d}_{name}_s{int(data.slice[r])}.png"
-                )
+                subject = re.sub(r"[^A-Za-z0-9_.-]", "_", str(data.subject[r]))
+                name = f"{group}_{rank}_{int(data.index[r]):05d}_{subject}_s{int(data.slice[r])}"
+                path = out_dir / f"{name}.png"
                 Image.fromarray(panel).save(path)
                 self.paths.append(path)
                 panels.append(panel)
                 captions.append(" | ".join(title))
-                entries.append(
-                    {
-                        "group": group,
-                        "rank": rank,
-                        "index": int(data.index[r]),
-                        "subject": str(data.subject[r]),
-                        "slice": int(data.slice[r]),
-                        "label": int(data.labels[r]),
-                        "score": float(data.scores[r]),
-                        "file": path.name,
-                    }
-                )
+                entries.append(_entry(group, rank, data, r, path.name))
         header = _header(tau, value_range, self.counts, self.seed)
         overview = overview_image([(GROUPS[g], small[g]) for g in GROUPS], header)
         self.overview = out_dir / "overview.png"
@@ -216,6 +199,20 @@ def _header(
         f"misses: the {counts['miss']} pathological ones with the lowest; random: "
         f"{counts['random']} of the others (seed {seed})",
     ]
+
+
+def _entry(group: str, rank: int, data: EvalData, r: int, file: str) -> dict[str, Any]:
+    """panels.json's record of one panel."""
+    return {
+        "group": group,
+        "rank": rank,
+        "index": int(data.index[r]),
+        "subject": str(data.subject[r]),
+        "slice": int(data.slice[r]),
+        "label": int(data.labels[r]),
+        "score": float(data.scores[r]),
+        "file": file,
+    }
 
 
 def _title(group: str, rank: int, data: EvalData, r: int, tau: float | None) -> list[str]:

@@ -252,8 +252,9 @@ def _front_parser() -> argparse.ArgumentParser:
         "train",
         help="fit + test seeds 0..N-1, then summary.json / summary.md",
         description="Fit then test seeds 0..N-1 into <runs>/<dataset>/<config>/k<K>/seed<i>/ "
-        "(metrics.json, predictions.npz, config.yaml, last.ckpt), then summary.json and "
-        "summary.md in <runs>/<dataset>/<config>/k<K>/. Further --model.* / --data.* / "
+        "(metrics.json, predictions.npz, config.yaml, last.ckpt, panels/, "
+        "training_curves.png), then summary.json and summary.md (with each seed's figures) in "
+        "<runs>/<dataset>/<config>/k<K>/. Further --model.* / --data.* / "
         "--trainer.* arguments override the experiment YAMLs.",
     )
     _add_train_args(p)
@@ -264,8 +265,9 @@ def _front_parser() -> argparse.ArgumentParser:
         help="one Markdown table + CSV of a runs folder",
         description="Gather every <config>/k<K>/summary.json under --runs into one table "
         "shaped like the paper's Table 1 (rows: configs; columns: Image AUROC, Pixel AUROC, "
-        "PRO, Dice for each K), with the paper's own rows marked as reference; writes table.md "
-        "and table.csv into --runs and prints the Markdown.",
+        "PRO, Dice for each K), with the paper's own rows marked as reference; writes table.md, "
+        "table.csv and metrics_vs_k.png (the metrics against K beside the paper's rows) into "
+        "--runs and prints the Markdown.",
     )
     p.add_argument("--runs", required=True, help="e.g. runs/brats")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's reference rows")

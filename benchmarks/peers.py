@@ -31,8 +31,8 @@ import torch
 from callbacks.metrics import EvalData, compute_metrics
 from data_modules.common import to_rgb
 from data_modules.transforms import normalize
-from pathoscope.app.cli import build_datamodule
 from pathoscope.app.configs import config_files
+from pathoscope.app.data import build_datamodule
 from pathoscope.app.experiments import run_one
 from pathoscope.app.reporting import _mean_std
 

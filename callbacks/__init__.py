@@ -1,6 +1,6 @@
-"""Lightning callbacks: evaluation metrics (AnomalyMetrics) and heatmap pictures (HeatmapVisualizer)."""
+"""Lightning callbacks: evaluation metrics (AnomalyMetrics) and test panels (AnomalyPanels)."""
 
 from callbacks.metrics import AnomalyMetrics
-from callbacks.visualization import HeatmapVisualizer
+from callbacks.panels import AnomalyPanels
 
-__all__ = ["AnomalyMetrics", "HeatmapVisualizer"]
+__all__ = ["AnomalyMetrics", "AnomalyPanels"]

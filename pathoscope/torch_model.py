@@ -44,6 +44,16 @@ class InferenceOutput(NamedTuple):
     anomaly_map: Tensor  # (B, 1, H, W)
 
 
+class Synthesis(NamedTuple):
+    """What `PathoScopeModel.synthesize` returns."""
+
+    v_s: Tensor  # (B, h, w, C) PiEG's embeddings; the graph goes through v_n, not through delta
+    d_global_n: Tensor | None  # Eq. 4 of v_n (None without the global contrast)
+    search: CandidateSearch | None  # the exact nearest-anchor search of v_n's candidates
+    base: Tensor  # what PiEG perturbed: v_n, or its foreground cells as (1, N, 1, C)
+    region: Tensor | None  # Eq. 4's region for base (None: all of base's cells)
+
+
 class PathoScopeModel(nn.Module):
     """Few-shot pathology detection: frozen E, adapter f, discriminator D, anchor bank, PiEG.
 
@@ -113,9 +123,10 @@ class PathoScopeModel(nn.Module):
         """The loss terms of one step (Eq. 5 + Eq. 6); `loss` is the sum of the enabled ones.
 
         `step` (the global step) seeds PiEG's Gaussian start. Also returns, without gradient,
-        `pieg_shift` (mean ||v_s - v_n|| / distance_scale) and `d_s_minus_d_n` (mean D(v_s) - D(v_n)).
+        `pieg_shift` (mean ||v_s - v_n|| / distance_scale), `d_n` and `d_s` (D's mean score on v_n
+        and on v_s).
         """
-        lo, pg = self.hp.losses, self.hp.pieg
+        lo = self.hp.losses
         x_n, x_p = batch["image"], batch["lesion_image"]
         b = x_n.shape[0]
         v = self.embed(torch.cat([x_n, x_p]))  # (2B, h, w, C)
@@ -125,7 +136,6 @@ class PathoScopeModel(nn.Module):
         foreground = None
         if lo.global_in_foreground and "foreground" in batch:
             foreground = mask_to_grid(batch["foreground"], grid, 0.5)
-        c = v.shape[-1]
         out: dict[str, Tensor] = {}
 
         # Eq. 1: local contrast between v_n and v_p on the lesion cells.
@@ -134,6 +144,42 @@ class PathoScopeModel(nn.Module):
             d_local_p = local_distance(v_p, lesion, self.bank)
             out["lc"] = tritanh(d_local_n, d_local_p, lo.lambda_pull, lo.lambda_push, lo.eps)
 
+        v_s, d_global_n, search, base, region = self.synthesize(v_n, v_p, foreground, step)
+
+        # D once on [v_n, v_p, v_s]: one BatchNorm batch (Eq. 5, Eq. 6). v_s may hold fewer
+        # cells than v_n (losses.synthetic_in_foreground), so D sees the three as rows.
+        c = v_n.shape[-1]
+        logits = self.discriminator(
+            torch.cat([v_n.reshape(-1, c), v_p.reshape(-1, c), v_s.reshape(-1, c)])
+        )
+        n_cells = v_n.shape[0] * v_n.shape[1] * v_n.shape[2]
+        l_n, l_p, l_s = logits.split([n_cells, n_cells, logits.shape[0] - 2 * n_cells])
+        l_n, l_p = l_n.reshape(v_n.shape[:3]), l_p.reshape(v_n.shape[:3])
+        out["focal"] = focal_loss(l_p, lesion, lo.focal_gamma)
+        out["bce_n"] = bce(l_n, 0.0)
+        out["bce_s"] = bce(l_s, 1.0)
+        if d_global_n is not None:
+            d_global_s = global_distance(v_s, self.bank, region, search=search.nearest)
+            out["gc"] = tritanh(d_global_n, d_global_s, lo.lambda_pull, lo.lambda_push, lo.eps)
+        out["loss"] = sum(out[k] for k in ("focal", "lc", "bce_n", "bce_s", "gc") if k in out)
+        with torch.no_grad():
+            out["pieg_shift"] = (
+                torch.linalg.vector_norm(v_s - base, dim=-1).mean() / self.bank.distance_scale
+            )
+            out["d_n"] = torch.sigmoid(l_n).mean()
+            out["d_s"] = torch.sigmoid(l_s).mean()
+        return out
+
+    def synthesize(
+        self, v_n: Tensor, v_p: Tensor, foreground: Tensor | None, step: int = 0
+    ) -> Synthesis:
+        """PiEG's v_s for v_n (B, h, w, C) as a training step makes it (Eq. 3).
+
+        D's BatchNorm uses the batch statistics of [v_n, v_p] (B, h, w, C each), frozen;
+        `foreground` (B, h, w) bool or None restricts Eq. 4. `step` seeds the Gaussian start.
+        """
+        lo, pg = self.hp.losses, self.hp.pieg
+        c = v_n.shape[-1]
         # BatchNorm statistics of the real features, frozen for PiEG's passes through D.
         bn_stats = tuple(s.detach() for s in self.discriminator.batch_stats(torch.cat([v_n, v_p])))
         # PiEG's input: every cell of v_n, or (synthetic_in_foreground) the foreground cells as
@@ -173,27 +219,7 @@ class PathoScopeModel(nn.Module):
             generator=gen,
             direction=pg.direction,
         )
-
-        # D once on [v_n, v_p, v_s]: one BatchNorm batch (Eq. 5, Eq. 6).
-        logits = self.discriminator(
-            torch.cat([v_n.reshape(-1, c), v_p.reshape(-1, c), v_s.reshape(-1, c)])
-        )
-        n_cells = v_n.shape[0] * v_n.shape[1] * v_n.shape[2]
-        l_n, l_p, l_s = logits.split([n_cells, n_cells, logits.shape[0] - 2 * n_cells])
-        l_n, l_p = l_n.reshape(v_n.shape[:3]), l_p.reshape(v_n.shape[:3])
-        out["focal"] = focal_loss(l_p, lesion, lo.focal_gamma)
-        out["bce_n"] = bce(l_n, 0.0)
-        out["bce_s"] = bce(l_s, 1.0)
-        if d_global_n is not None:
-            d_global_s = global_distance(v_s, self.bank, region, search=search.nearest)
-            out["gc"] = tritanh(d_global_n, d_global_s, lo.lambda_pull, lo.lambda_push, lo.eps)
-        out["loss"] = sum(out[k] for k in ("focal", "lc", "bce_n", "bce_s", "gc") if k in out)
-        with torch.no_grad():
-            out["pieg_shift"] = (
-                torch.linalg.vector_norm(v_s - base, dim=-1).mean() / self.bank.distance_scale
-            )
-            out["d_s_minus_d_n"] = torch.sigmoid(l_s).mean() - torch.sigmoid(l_n).mean()
-        return out
+        return Synthesis(v_s, d_global_n, search, base, region)
 
     def pieg_unit(self) -> float:
         """The feature-space length of one unit of eta / noise_std (see `PiEGParams.units`)."""

@@ -12,7 +12,8 @@ earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
   sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
   make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
-  predict, export, bench  (their own modules: pathoscope.app.predict.run, .export, .bench.run)
+  predict, export, bench, embeddings, maps  (their own modules: pathoscope.app.predict.run,
+                  .export, .bench.run, .embeddings, .maps)
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
 line on stderr and exit status 2, never a traceback.
@@ -28,8 +29,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from jsonargparse import ArgumentParser as JsonArgumentParser
 
 FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
 EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
@@ -56,6 +55,11 @@ Other verbs:
   bench           speed and cost benchmarks
   make-demo-data  write a synthetic BraTS / ChestX-ray8 set in the real on-disk format
   show-data       PNG grid of the training, synthetic-lesion and test images of a config
+
+Figures:
+  embeddings      t-SNE of normal, pathological, PiEG and Gaussian embeddings of a trained run,
+                  and how close PiEG's lie to real pathology
+  maps            anomaly maps of a few fixed test slices across the configs and K of a runs folder
 """
 
 
@@ -207,44 +211,12 @@ def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_show_data(args: argparse.Namespace, extra: list[str]) -> int:
     from data_modules.visualize import show_data_grid
+    from pathoscope.app.data import build_datamodule
 
     datamodule = build_datamodule(args.config, extra)
     out = show_data_grid(datamodule, args.out)
     print(f"wrote {out}")
     return 0
-
-
-def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
-    """The data module of experiment YAMLs (their `data` sections, and the lesion threshold the
-    model's `losses.lesion_min_fraction` links to it) plus `--data.*` overrides."""
-    import yaml
-
-    from data_modules.common import FewShotDataModule
-    from pathoscope.app.configs import defaults_file
-
-    for path in configs:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-    parser = JsonArgumentParser(exit_on_error=False)
-    parser.add_argument("--config", action="append", default=[])
-    parser.add_subclass_arguments(FewShotDataModule, "data", required=True)
-
-    data_args: list[str] = []
-    fraction = None
-    for path in [defaults_file(), *configs]:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-        losses = (config.get("model") or {}).get("losses") or {}
-        fraction = losses.get("lesion_min_fraction", fraction)
-        if config.get("data") is not None:
-            data_args += ["--data", yaml.safe_dump(config["data"])]
-    if fraction is not None:
-        data_args.append(f"--data.lesion_min_fraction={fraction}")
-    wanted = [a for a in overrides]
-    bad = [a for a in wanted if a.startswith("--") and not a.startswith("--data")]
-    if bad:
-        raise ValueError(f"show-data: only --data.* overrides are accepted, got {bad[0]}")
-    cfg = parser.parse_args(data_args + wanted)
-    return parser.instantiate_classes(cfg).data
 
 
 def _no_extra(extra: list[str], verb: str) -> None:
@@ -288,6 +260,8 @@ _MODULE_VERBS: dict[str, tuple[str, str]] = {
     "predict": ("pathoscope.app.predict.run", "anomaly maps for new images from a checkpoint"),
     "export": ("pathoscope.app.export", "export a checkpoint"),
     "bench": ("pathoscope.app.bench.run", "speed and cost benchmarks (writes bench.json)"),
+    "embeddings": ("pathoscope.app.embeddings", "embeddings of a trained run in 2-D"),
+    "maps": ("pathoscope.app.maps", "maps of fixed test slices across runs"),
 }
 
 
@@ -299,8 +273,9 @@ def _front_parser() -> argparse.ArgumentParser:
         "train",
         help="fit + test seeds 0..N-1, then summary.json / summary.md",
         description="Fit then test seeds 0..N-1 into <runs>/<dataset>/<config>/k<K>/seed<i>/ "
-        "(metrics.json, predictions.npz, config.yaml, last.ckpt), then summary.json and "
-        "summary.md in <runs>/<dataset>/<config>/k<K>/. Further --model.* / --data.* / "
+        "(metrics.json, predictions.npz, config.yaml, last.ckpt, panels/, "
+        "training_curves.png), then summary.json and summary.md (with each seed's figures) in "
+        "<runs>/<dataset>/<config>/k<K>/. Further --model.* / --data.* / "
         "--trainer.* arguments override the experiment YAMLs.",
     )
     _add_train_args(p)
@@ -311,8 +286,9 @@ def _front_parser() -> argparse.ArgumentParser:
         help="one Markdown table + CSV of a runs folder",
         description="Gather every <config>/k<K>/summary.json under --runs into one table "
         "shaped like the paper's Table 1 (rows: configs; columns: Image AUROC, Pixel AUROC, "
-        "PRO, Dice for each K), with the paper's own rows marked as reference; writes table.md "
-        "and table.csv into --runs and prints the Markdown.",
+        "PRO, Dice for each K), with the paper's own rows marked as reference; writes table.md, "
+        "table.csv and metrics_vs_k.png (the metrics against K beside the paper's rows) into "
+        "--runs and prints the Markdown.",
     )
     p.add_argument("--runs", required=True, help="e.g. runs/brats")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's reference rows")

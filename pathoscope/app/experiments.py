@@ -3,8 +3,9 @@
 One run = fit then test in-process through PathoScopeCLI (so YAMLs and overrides mean exactly
 what they mean for `pathoscope fit`), written into a hidden `.<name>.partial` sibling folder and
 renamed when complete: a folder named `seed<i>` always holds a finished run (metrics.json,
-predictions.npz, config.yaml, last.ckpt, logs/), and nothing half-written is ever picked up by
-`pathoscope table`.
+predictions.npz, config.yaml, last.ckpt, logs/, panels/, training_curves.png), and nothing
+half-written is ever picked up by `pathoscope table`. The CSV log (logs/metrics.csv) is kept with
+the W&B logger too: the training curves are drawn from it.
 
 Layout: <runs>/<dataset>/<config>/k<K>/seed<i>/ for the runs, and summary.json / summary.md in
 <runs>/<dataset>/<config>/k<K>/ (written by pathoscope.app.reporting).
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from pathoscope.app.configs import DEFAULT_CONFIG, config_files, dataset_root
+from pathoscope.app.figures.curves import CURVES_FILE, plot_training_curves
 from pathoscope.app.lightning_cli import finish_fit, lightning_cli
 from pathoscope.app.reporting import GridResult, summarize, write_grid_outputs, write_summary
 
@@ -43,12 +45,16 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------- one run
+def _csv_logger_spec(save_dir: Path) -> dict[str, Any]:
+    return {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(save_dir), "name": "logs", "version": ""},
+    }
+
+
 def _logger_spec(kind: str, save_dir: Path, name: str, group: str) -> dict[str, Any]:
     if kind == "csv":
-        return {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(save_dir), "name": "logs", "version": ""},
-        }
+        return _csv_logger_spec(save_dir)
     if kind == "wandb":
         # Never blocks: offline unless the user asked for online (or a sweep agent runs us).
         if "WANDB_SWEEP_ID" not in os.environ:
@@ -131,7 +137,10 @@ def run_one(
 
             # Built here, not parsed: its run name needs the parsed dataset and shots.
             spec = _logger_spec(logger, tmp, name, group or name)
-            trainer.logger = instantiate_class((), spec)
+            loggers = [instantiate_class((), spec)]
+            if logger != "csv":  # the training curves read the CSV log
+                loggers.append(instantiate_class((), _csv_logger_spec(tmp)))
+            trainer.loggers = loggers
         with warnings.catch_warnings():
             # The run folder holds the logs too: not a stale checkpoint folder.
             warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
@@ -153,6 +162,9 @@ def run_one(
         if not (tmp / "last.ckpt").is_file():
             trainer.save_checkpoint(tmp / "last.ckpt")
         _close_loggers(trainer)
+        log = tmp / "logs" / "metrics.csv"
+        if log.is_file():
+            plot_training_curves(log, tmp / CURVES_FILE, title=f"{name} (global step)")
         _promote(tmp, run_dir)
         return metrics
     except BaseException:

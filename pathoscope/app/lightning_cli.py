@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.metrics import AnomalyMetrics
+from callbacks.panels import AnomalyPanels
 from data_modules.common import FewShotDataModule, TrainSampler
 from pathoscope.app.configs import defaults_file
 from pathoscope.checkpoint import read_checkpoint
@@ -80,6 +81,9 @@ class PathoScopeCLI(LightningCLI):
       (linked: one value for both; setting the data's own is refused, see LINKED).
     * `--metrics.*`: the AnomalyMetrics callback, always present (validation sets tau; test
       writes metrics.json into `--metrics.output_dir`, default the trainer's log_dir).
+    * `--panels.*`: the AnomalyPanels callback, always present: after a test, panels of the
+      false alarms, misses and a random sample into `panels/` beside metrics.json (or under
+      `--panels.output_dir`), and to W&B with a WandbLogger; `--panels.enabled false` turns it off.
     * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no
       selection on any score), rewritten at every epoch end. Resuming after an interruption:
       the same command with `--checkpoint.dirpath DIR --ckpt_path last`.
@@ -112,6 +116,7 @@ class PathoScopeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AnomalyMetrics, "metrics")
+        parser.add_lightning_class_args(AnomalyPanels, "panels")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.link_arguments(
             "model.losses.lesion_min_fraction", "data.init_args.lesion_min_fraction"

@@ -1,7 +1,9 @@
 """Reporting: summaries over seeds, the paper-shaped table of a runs folder, grid tables and plots.
 
 summary.json / summary.md (docs/metrics.md lists their keys) are written per <config>/k<K>/;
-`pathoscope table` gathers them into table.md / table.csv with the paper's rows for reference;
+summary.md also shows each seed's panel overview and training curves (relative links, only to
+files that exist); `pathoscope table` gathers them into table.md / table.csv with the paper's
+rows for reference and draws the metrics against K (pathoscope/app/figures/shots.py);
 `pathoscope grid` writes grid.md / grid.csv and one plot per metric against the first parameter.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pathoscope.app.configs import DEFAULT_CONFIG
+from pathoscope.app.figures.shots import SHOTS_FILE, plot_metrics_vs_k
 from pathoscope.app.paper_tables import paper_rows
 
 # The four metrics of the paper's Table 1, in its order, with their column titles.
@@ -124,9 +127,41 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Each seed's figures that summary.md shows: (title, path inside seed<i>/).
+SEED_FIGURES = (
+    ("test panels", "panels/overview.png"),
+    ("training curves", "training_curves.png"),
+)
+
+
+def figures_markdown(folder: Path, repeats: int) -> str:
+    """summary.md's figure section: for each seed folder of `folder`, its SEED_FIGURES that
+    exist, as images with relative links ("" when there are none)."""
+    lines = []
+    for seed in range(repeats):
+        for title, rel in SEED_FIGURES:
+            if (Path(folder) / f"seed{seed}" / rel).is_file():
+                lines += [
+                    f"### seed {seed}: {title}",
+                    "",
+                    f"![seed {seed} {title}](seed{seed}/{rel})",
+                    "",
+                ]
+    if not lines:
+        return ""
+    intro = (
+        "Test panels: the normal test items scored highest (false alarms), the pathological "
+        "ones scored lowest (misses) and a random sample; tiles: image, gt_mask (red), "
+        "anomaly_map, pred_mask at tau (green). docs/figures.md describes every figure."
+    )
+    return "\n".join(["## Figures", "", intro, "", *lines])
+
+
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    (folder / "summary.md").write_text(summary_markdown(summary))
+    markdown = summary_markdown(summary)
+    figures = figures_markdown(folder, int(summary["repeats"]))
+    (folder / "summary.md").write_text(markdown + ("\n" + figures if figures else ""))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -158,7 +193,8 @@ def load_summaries(runs_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _config_order(name: str) -> tuple[int, str]:
+def config_order(name: str) -> tuple[int, str]:
+    """Sort key of configs in tables and figures: the method, then ablations, then the rest."""
     if name == DEFAULT_CONFIG:
         return (0, name)
     return (1 if name.startswith("ablation/") else 2, name)
@@ -180,7 +216,7 @@ def build_table(
     header = ["Method", "Source", "Repeats"] + [f"{TABLE_METRICS[m]} K={k}" for m, k in columns]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows: list[dict[str, Any]] = []
-    for config in sorted(by_config, key=_config_order):
+    for config in sorted(by_config, key=config_order):
         per_k = by_config[config]
         repeats = sorted({int(s.get("repeats", 0)) for s in per_k.values()})
         cells = [_pct(per_k[k]["metrics"].get(m)) if k in per_k else "-" for m, k in columns]
@@ -243,10 +279,15 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def write_table(runs_dir: Path, paper: bool = True) -> str:
-    """Write table.md and table.csv into `runs_dir`; returns the Markdown."""
-    markdown, rows = build_table(load_summaries(runs_dir), paper=paper)
+    """Write table.md, table.csv and metrics_vs_k.png into `runs_dir`; returns the Markdown."""
+    summaries = load_summaries(runs_dir)
+    markdown, rows = build_table(summaries, paper=paper)
     (Path(runs_dir) / "table.md").write_text(markdown)
     _write_csv(Path(runs_dir) / "table.csv", rows)
+    datasets = sorted({str(s.get("dataset")) for s in summaries})
+    refs = [r for d in datasets for r in paper_rows(d)] if paper else []
+    configs = sorted({str(s["config"]) for s in summaries}, key=config_order)
+    plot_metrics_vs_k(summaries, TABLE_METRICS, refs, Path(runs_dir) / SHOTS_FILE, configs)
     return markdown
 
 

@@ -66,11 +66,14 @@ def test_every_verb_has_help_through_the_console_script() -> None:
         "--data CONFIG",
         "--metrics.eval_size",
         "--checkpoint.dirpath",
+        "--panels.enabled",
     ):
         assert key in out
 
 
-@pytest.mark.parametrize("verb", ["validate", "test", "predict", "export", "bench"])
+@pytest.mark.parametrize(
+    "verb", ["validate", "test", "predict", "export", "bench", "embeddings", "maps"]
+)
 def test_other_verbs_have_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     module = cli._MODULE_VERBS.get(verb, ("",))[0]
     if module:
@@ -287,6 +290,11 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
     assert stat["std"] == pytest.approx(abs(a - b) / np.sqrt(2))  # sample std of two values
     md = (base / "summary.md").read_text()
     assert "Checkpoint reported: last" in md and "Backbone weights: random" in md
+    for seed in (0, 1):  # each seed's panel overview and training curves, linked
+        assert f"](seed{seed}/panels/overview.png)" in md
+        assert f"](seed{seed}/training_curves.png)" in md
+        assert (base / f"seed{seed}" / "panels" / "overview.png").is_file()
+        assert (base / f"seed{seed}" / "training_curves.png").is_file()
 
     proc = subprocess.run(
         [exe, "table", "--runs", str(runs / "brats")], capture_output=True, text=True, timeout=120

@@ -2,7 +2,8 @@
 
 Every value in metrics.json is recomputed with the slow, obviously correct references below
 (pairwise Mann-Whitney AUROC, PRO by explicit loops over thresholds and regions, Dice by a loop
-over thresholds) and must agree to 1e-6. The heatmap PNGs must show the gt_mask outlines.
+over thresholds) and must agree to 1e-6. The panels must be the documented selection, checked
+against predictions.npz, and show the gt_mask outlines.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from callbacks import AnomalyMetrics, HeatmapVisualizer
+from callbacks import AnomalyMetrics, AnomalyPanels
 from callbacks.metrics import JSON_KEYS
-from callbacks.visualization import GT_COLOR, TITLE_HEIGHT
+from callbacks.panels import select_panels
+from callbacks.visualization import GT_COLOR, TILE_GAP, TILES, TITLE_HEIGHT
 from data_modules.brats import BraTSDataModule
 from pathoscope.lightning_model import PathoScope
 
@@ -137,7 +139,7 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
             scoring={"source": "anchor_distance"},
         )
     metrics_cb = AnomalyMetrics(eval_size=EVAL_SIZE, save_predictions=True)
-    viz = HeatmapVisualizer(n_images=6, seed=0)
+    viz = AnomalyPanels(false_alarms=2, misses=2, random=2, seed=0)
     trainer = L.Trainer(
         max_steps=3,
         accelerator="cpu",
@@ -147,7 +149,7 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         limit_val_batches=6,
-        callbacks=[viz, metrics_cb],  # the visualiser first: it must still see the test data
+        callbacks=[viz, metrics_cb],  # the panels first: they must still see the test data
         default_root_dir=str(tmp_path),
     )
     trainer.fit(model, datamodule=dm)
@@ -191,16 +193,27 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
             assert report[key] == pytest.approx(value, abs=1e-6), key
             assert key == "tau" or 0.0 <= report[key] <= 1.0, key  # tau is a score
 
-    # Heatmaps: the gt_mask outline (red) lies on tiles 1 and 2 where the gt boundary is.
+    # Panels: the documented selection of predictions.npz; the gt_mask outline (red) lies on
+    # tiles 1-3 where the gt boundary is.
+    report = json.loads((tmp_path / "panels" / "panels.json").read_text())
+    expected = select_panels(npz["scores"], npz["labels"], 2, 2, 2, seed=0)
+    for group, rows in expected.items():
+        chosen = [p["index"] for p in report["panels"] if p["group"] == group]
+        assert chosen == npz["index"][rows].tolist(), group
+    normal_scores = npz["scores"][npz["labels"] == 0]
+    false_alarms = [p for p in report["panels"] if p["group"] == "false_alarm"]
+    assert [p["score"] for p in false_alarms] == pytest.approx(np.sort(normal_scores)[::-1][:2])
     assert len(viz.paths) == 6 and all(p.is_file() for p in viz.paths)
+    assert viz.overview is not None and viz.overview.is_file()
     outlined = 0
-    for path in viz.paths:
-        row = int(np.flatnonzero(npz["index"] == int(path.name.split("_")[0]))[0])
+    for entry, path in zip(report["panels"], viz.paths, strict=True):
+        row = int(np.flatnonzero(npz["index"] == entry["index"])[0])
         png = np.asarray(Image.open(path).convert("RGB"))
-        k = png.shape[1] // (3 * EVAL_SIZE)
+        k = (png.shape[1] + TILE_GAP) // TILES // EVAL_SIZE
         gt = npz["gt_masks"][row]
         ys, xs = np.nonzero(gt & ~ndimage.binary_erosion(gt, EIGHT_CONNECTED, border_value=0))
-        for tile in (1, 2):
-            assert (png[TITLE_HEIGHT + ys * k, (tile * EVAL_SIZE + xs) * k] == GT_COLOR).all()
+        for tile in (1, 2, 3):
+            x0 = tile * (k * EVAL_SIZE + TILE_GAP)
+            assert (png[TITLE_HEIGHT + ys * k, x0 + xs * k] == GT_COLOR).all()
         outlined += int(ys.size > 0)
     assert outlined > 0

@@ -25,6 +25,7 @@ from data_modules.chestxray8 import ChestXray8DataModule
 from data_modules.errors import DataError
 from pathoscope.app.predict.common import load_model
 from pathoscope.app.predict.images import predict_images
+from pathoscope.app.predict.montage import CAPTION, MIN_WIDTH, TILE
 from pathoscope.app.predict.run import main
 from pathoscope.app.predict.volumes import predict_volume
 from pathoscope.checkpoint import CheckpointError
@@ -163,6 +164,12 @@ def test_volume_outputs_have_input_geometry(ckpt: Path, brats_root: Path, tmp_pa
     assert scores[k - 60] == pytest.approx(amap[:, :, k][brain[:, :, k]].max(), abs=1e-5)
     (summary,) = _read_csv(out / "predictions.csv")
     assert summary["input"] == str(src) and float(summary["score"]) == float(volume["score"])
+    # The montage: one tile per scored slice (31), 6 to a row, under a header.
+    assert summary["montage"] == "BraTS20_Training_012_flair_montage.png"
+    montage = np.asarray(Image.open(out / summary["montage"]))
+    rows = 6  # ceil(31 / 6)
+    assert 0 < montage.shape[0] - rows * (CAPTION + TILE) < 60  # the rest is the header
+    assert montage.shape[1] == max(6 * TILE, MIN_WIDTH)
 
 
 def test_predict_matches_the_evaluation_pipeline(model: PathoScopeModel, brats_root: Path) -> None:

@@ -201,6 +201,10 @@ def test_sweep_command_line_runs_one_configuration_offline(
     assert logger["init_args"]["name"] == "brats-brats+tiny-k2-s0"
     assert logger["init_args"]["group"] == "brats+tiny"
     assert list((run / "wandb").glob("offline-run-*"))  # an offline run to `wandb sync`
+    # The test panels went to the run as images; the CSV log is kept for the curves.
+    media = run / "wandb" / "latest-run" / "files" / "media" / "images" / "test"
+    assert list(media.glob("panels_*.png")) and list(media.glob("panels_overview_*.png"))
+    assert (run / "training_curves.png").is_file() and (run / "panels" / "panels.json").is_file()
     assert json.loads((run / "metrics.json").read_text())["image_auroc"] is not None
 
 
@@ -253,7 +257,10 @@ def test_resume_after_an_interruption_reaches_the_same_model(
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)
     ma = _test(brats_root, straight / "ckpt" / "last.ckpt", straight / "test")
-    mb = _test(brats_root, resumed / "ckpt" / "last.ckpt", resumed / "test")
+    off = ["--panels.enabled=false"]  # the switch: no panels, the same metrics
+    mb = _test(brats_root, resumed / "ckpt" / "last.ckpt", resumed / "test", off)
+    assert (straight / "test" / "panels" / "overview.png").is_file()
+    assert not (resumed / "test" / "panels").exists()
     for key in ("image_auroc", "pixel_auroc", "pro", "dice_best", "tau"):
         assert mb[key] == pytest.approx(ma[key], rel=1e-6, abs=1e-7), key
 

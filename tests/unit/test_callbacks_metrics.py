@@ -1,4 +1,4 @@
-"""AnomalyMetrics and HeatmapVisualizer on hand-made batches (no real model).
+"""AnomalyMetrics on hand-made batches (no real model).
 
 The hooks are called directly with a stand-in trainer and module, except in the DDP test, which
 runs a real two-process (gloo, forked) Trainer on a tiny module.
@@ -15,15 +15,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
-from scipy import ndimage
 from torch.utils.data import Dataset
 
-from callbacks import AnomalyMetrics, HeatmapVisualizer
+from callbacks import AnomalyMetrics
 from callbacks.metrics import JSON_KEYS
-from callbacks.visualization import GT_COLOR, TITLE_HEIGHT
-from data_modules.transforms import normalize
 from pathoscope.metrics import best_dice, image_auroc, pixel_auroc, pro_score
 
 
@@ -324,82 +319,6 @@ def test_bad_step_output_raises_a_clear_error(tmp_path: Path) -> None:
     cb = AnomalyMetrics()
     with pytest.raises(ValueError, match="must return a dict with 'score'"):
         cb.on_test_batch_end(fake_trainer(tmp_path), FakeModule(), torch.zeros(2), batch, 0)
-
-
-# -- HeatmapVisualizer ------------------------------------------------------------------------------
-class ItemDataset(Dataset):
-    """Evaluation items of random grey images; `index` is the position."""
-
-    def __init__(self, n: int, size: int) -> None:
-        self.n, self.size = n, size
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        grey = np.random.default_rng(i).random((self.size, self.size, 1)).astype(np.float32) * 0.5
-        return {"image": normalize(np.repeat(grey, 3, axis=2)), "index": i}
-
-
-class RecordingWandbLogger(WandbLogger):
-    def __init__(self) -> None:  # no wandb run
-        self.calls: list[dict[str, Any]] = []
-
-    def log_image(
-        self, key: str, images: list[Any], step: int | None = None, **kwargs: Any
-    ) -> None:
-        self.calls.append({"key": key, "images": images, **kwargs})
-
-
-def test_heatmaps_are_written_with_outlines_and_logged_to_wandb(tmp_path: Path) -> None:
-    n, size = 6, 16
-    data = random_set(n, size, seed=8)
-    metrics_cb = AnomalyMetrics(eval_size=size)
-    viz = HeatmapVisualizer(n_images=4, seed=0)
-    wandb = RecordingWandbLogger()
-    loader = SimpleNamespace(dataset=ItemDataset(n, 32))  # images at 32 px, maps at 16
-    trainer = fake_trainer(tmp_path, [viz, metrics_cb], test_dataloaders=loader)
-    trainer.loggers = [wandb]
-    module = FakeModule(tau=0.7)
-    viz.on_test_start(trainer, module)
-    batch = make_batch(
-        data["maps"], data["scores"].tolist(), data["labels"].tolist(), data["gt"], list(range(n))
-    )
-    feed(metrics_cb, trainer, module, "test", [batch])
-    viz.on_test_end(trainer, module)
-
-    assert len(viz.paths) == 4 and all(p.parent == tmp_path / "heatmaps" for p in viz.paths)
-    assert [c["key"] for c in wandb.calls] == ["test/heatmaps"] and len(
-        wandb.calls[0]["images"]
-    ) == 4
-    checked = 0
-    for path in viz.paths:
-        i = int(path.name.split("_")[0])
-        png = np.asarray(Image.open(path).convert("RGB"))
-        k = png.shape[1] // (3 * size)
-        assert png.shape == (TITLE_HEIGHT + k * size, 3 * k * size, 3)
-        np.testing.assert_array_equal(png, wandb.calls[0]["images"][viz.paths.index(path)])
-        gt = data["gt"][i]
-        outline = gt & ~ndimage.binary_erosion(gt, np.ones((3, 3), bool), border_value=0)
-        for tile in (1, 2):
-            ys, xs = np.nonzero(outline)
-            pixels = png[TITLE_HEIGHT + ys * k, (tile * size + xs) * k]
-            assert (pixels == GT_COLOR).all()
-        checked += int(outline.any())
-        # Tile 0 is the plain image: no outline colour anywhere.
-        assert not (png[TITLE_HEIGHT:, : k * size] == GT_COLOR).all(axis=-1).any()
-    assert checked > 0  # the sample holds an item with a gt_mask
-
-    # Same seed, same sample.
-    again = HeatmapVisualizer(n_images=4, seed=0, output_dir=str(tmp_path / "again"))
-    trainer.callbacks = [again, metrics_cb]
-    again.on_test_end(trainer, module)
-    assert [p.name for p in again.paths] == [p.name for p in viz.paths]
-
-
-def test_heatmap_visualizer_needs_anomaly_metrics(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="needs an AnomalyMetrics"):
-        HeatmapVisualizer().on_test_start(fake_trainer(tmp_path), FakeModule())
 
 
 # -- DDP --------------------------------------------------------------------------------------------

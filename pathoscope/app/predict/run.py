@@ -15,6 +15,8 @@ back to the input's own orientation. Outputs per volume `<name>`:
     slice holds its anomaly map resized back to the slice size; other slices are 0.
   - `<name>_pred_mask.nii.gz`: uint8, 1 where anomaly_map > tau inside the foreground (voxels > 0)
     of scored slices.
+  - `<name>_montage.png`: the scored slices with the map overlaid, as the network saw them
+    (pathoscope/app/predict/montage.py).
   - `<name>_scores.csv`: one row per scored slice (`level=slice`: slice index in the training
     orientation, the same slice's index along the input array's axis, score, pathological) and a
     last row `level=volume` with the volume score.

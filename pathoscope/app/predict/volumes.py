@@ -38,6 +38,7 @@ from data_modules.common import to_rgb
 from data_modules.errors import DataError
 from data_modules.transforms import normalize, resize
 from pathoscope.app.predict.common import decision, no_bar, score_batch
+from pathoscope.app.predict.montage import write_montage
 from pathoscope.folded import inference_net
 from pathoscope.postprocess import tau_value
 from pathoscope.torch_model import PathoScopeModel
@@ -72,6 +73,10 @@ class VolumeResult:
     slice_scores: np.ndarray  # (n,)
     score: float  # max of slice_scores
     tau: float | None
+    # The scored slices as the network saw them (training orientation), for the montage:
+    slice_images: np.ndarray  # (n, X', Y') the first modality, normalised to [0, 1]
+    slice_maps: np.ndarray  # (n, X', Y') float32 anomaly_map
+    slice_foreground: np.ndarray  # (n, X', Y') bool
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -272,6 +277,9 @@ def predict_volume(
         slice_scores=slice_scores,
         score=float(slice_scores.max()),
         tau=tau,
+        slice_images=np.moveaxis(normed[0][:, :, scored], -1, 0),
+        slice_maps=np.moveaxis(amap[:, :, scored], -1, 0),
+        slice_foreground=np.moveaxis(foreground[:, :, scored], -1, 0),
         warnings=warnings,
     )
 
@@ -281,6 +289,7 @@ def volume_outputs(name: str, out_dir: Path) -> dict[str, Path]:
         "anomaly_map": out_dir / f"{name}_anomaly_map.nii.gz",
         "pred_mask": out_dir / f"{name}_pred_mask.nii.gz",
         "scores": out_dir / f"{name}_scores.csv",
+        "montage": out_dir / f"{name}_montage.png",
     }
 
 
@@ -298,7 +307,7 @@ def _save_like(array: np.ndarray, ref: Path, path: Path, dtype: type, descrip: s
 
 
 def write_volume_result(result: VolumeResult, out_dir: Path) -> dict[str, Path]:
-    """Write the NIfTI maps and the per-slice CSV; returns the written paths."""
+    """Write the NIfTI maps, the per-slice CSV and the montage; returns the written paths."""
     paths = volume_outputs(result.name, out_dir)
     _save_like(result.anomaly_map, result.source, paths["anomaly_map"], np.float32, "anomaly_map")
     if result.pred_mask is not None:
@@ -312,4 +321,14 @@ def write_volume_result(result: VolumeResult, out_dir: Path) -> dict[str, Path]:
         for k, i, s in zip(result.slices, result.input_indices, result.slice_scores, strict=True):
             writer.writerow(["slice", k, i, f"{s:.6g}", decision(s, tau)])
         writer.writerow(["volume", "", "", f"{result.score:.6g}", decision(result.score, tau)])
+    write_montage(
+        paths["montage"],
+        name=result.name,
+        images=result.slice_images,
+        maps=result.slice_maps,
+        foreground=result.slice_foreground,
+        slices=result.slices,
+        scores=result.slice_scores,
+        tau=tau,
+    )
     return paths

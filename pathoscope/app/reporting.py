@@ -17,6 +17,7 @@ from typing import Any
 
 from pathoscope.app.configs import DEFAULT_CONFIG
 from pathoscope.app.paper_tables import paper_rows
+from pathoscope.files import atomic_path, write_text
 
 # The four metrics of the paper's Table 1, in its order, with their column titles.
 TABLE_METRICS: dict[str, str] = {
@@ -125,8 +126,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    (folder / "summary.md").write_text(summary_markdown(summary))
+    write_text(folder / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text(folder / "summary.md", summary_markdown(summary))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -239,13 +240,13 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def write_table(runs_dir: Path, paper: bool = True) -> str:
     """Write table.md and table.csv into `runs_dir`; returns the Markdown."""
     markdown, rows = build_table(load_summaries(runs_dir), paper=paper)
-    (Path(runs_dir) / "table.md").write_text(markdown)
+    write_text(Path(runs_dir) / "table.md", markdown)
     _write_csv(Path(runs_dir) / "table.csv", rows)
     return markdown
 
@@ -284,8 +285,9 @@ def write_grid_outputs(
         md.append("| " + " | ".join(cells) + " |")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.md").write_text(
-        "\n".join(md) + "\n\nMean ± std over the seeds in percent, last checkpoint.\n"
+    write_text(
+        out / "grid.md",
+        "\n".join(md) + "\n\nMean ± std over the seeds in percent, last checkpoint.\n",
     )
     _write_csv(out / "grid.csv", rows)
     _plot_grid(out / f"grid_{keys[0].replace('/', '_')}.png", keys, combos, ks, by)
@@ -332,5 +334,6 @@ def _plot_grid(
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

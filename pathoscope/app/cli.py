@@ -404,10 +404,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pathoscope {verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        err = _reason(err)
         if not isinstance(err, _error_types()) and not _is_argument_error(err):
             raise
         print(f"pathoscope {verb}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _reason(err: Exception) -> Exception:
+    """The user error behind `err`: jsonargparse reports a class that refused its arguments as
+    "Does not validate against any of the Union subtypes ...", raised from the class's own error
+    (e.g. "shots must be >= 1, got 0"), which is the one to show."""
+    cause = err.__cause__
+    while isinstance(cause, _error_types()):
+        err, cause = cause, cause.__cause__
+    return err
 
 
 def _is_argument_error(err: BaseException) -> bool:

@@ -199,7 +199,7 @@ def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> A
     import yaml
 
     from data_modules.common import FewShotDataModule
-    from pathoscope.app.configs import defaults_file
+    from pathoscope.app.configs import defaults_file, read_yaml
 
     for path in configs:
         if not Path(path).is_file():
@@ -211,7 +211,7 @@ def build_datamodule(configs: Sequence[str], overrides: Sequence[str] = ()) -> A
     data_args: list[str] = []
     fraction = None
     for path in [defaults_file(), *configs]:
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        config = read_yaml(path) or {}
         losses = (config.get("model") or {}).get("losses") or {}
         fraction = losses.get("lesion_min_fraction", fraction)
         if config.get("data") is not None:

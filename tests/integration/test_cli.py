@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning  # noqa: F401  (imported outside capsys: its log handlers keep the real stderr)
 import numpy as np
 import pytest
-from integration_helpers import EXPERIMENTS, REPO, tiny_overrides
+from integration_helpers import EXPERIMENTS, REPO, dataset_configs, tiny_overrides
 from PIL import Image
 
 from pathoscope.app import cli
@@ -185,6 +185,112 @@ def test_checkpoint_of_an_old_version_is_one_line(
     err = _one_error_line(capsys, "test")
     assert str(old) in err and "version 1" in err and "version 2" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.ckpt"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.pieg.eta=-1", "pieg.eta must be >= 0, got -1.0"),
+        ("--model.pieg.steps=-5", "pieg.steps must be >= 0, got -5"),
+        ("--model.network.hidden_dim=0", "network.hidden_dim must be >= 1, got 0"),
+        ("--data.shots=0", "shots must be >= 1, got 0"),
+        ("--data.seed=-1", "seed must be >= 0, got -1"),
+    ],
+)
+def test_fit_out_of_range_value_is_one_line_naming_the_setting(
+    override: str,
+    message: str,
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # Lightning's default log folder would go here
+    args = ["fit", *dataset_configs("brats"), *tiny_overrides("brats", brats_root, max_steps=1)]
+    assert cli.main([*args, override]) == cli.EXIT_USAGE
+    assert message in _one_error_line(capsys, "fit")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_config_that_is_not_yaml_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  pieg: [\n")
+    assert cli.main(["fit", "--config", str(bad)]) == cli.EXIT_USAGE
+    assert "bad.yaml: not valid YAML (line 3, column 1)" in _one_error_line(capsys, "fit")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def _pathoscope_checkpoint(path: Path) -> Path:
+    """A checkpoint file as `pathoscope fit` writes one (untrained weights, no anchors)."""
+    import lightning as L
+    import torch
+
+    from pathoscope.checkpoint import CHECKPOINT_VERSION
+    from pathoscope.lightning_model import PathoScope
+
+    model = PathoScope(
+        network={"pretrained": False, "hidden_dim": 64},
+        pieg={"steps": 2},
+        bank={"max_anchors": 256},
+    )
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pathoscope": {"version": CHECKPOINT_VERSION, "weights": "random", "preprocessing": {}},
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "missing.ckpt: checkpoint file not found"),
+        ("truncated", "truncated.ckpt: not a readable checkpoint"),
+        ("foreign", "foreign.ckpt: not a usable PathoSCOPE checkpoint"),
+        ("tampered", "tampered.ckpt: does not fit this model"),
+    ],
+)
+def test_checkpoint_errors_of_test_are_one_line_and_touch_no_run_folder(
+    case: str,
+    message: str,
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`pathoscope test --ckpt_path` of a missing, truncated, foreign (another Lightning model's)
+    or tampered checkpoint: one line naming the file, and the run folder of an earlier test keeps
+    its metrics.json alone (no config.yaml naming the bad file, no logs)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"image_auroc": 0.9}\n')
+    ckpt = tmp_path / f"{case}.ckpt"
+    if case == "truncated":
+        full = _pathoscope_checkpoint(tmp_path / "full.ckpt").read_bytes()
+        ckpt.write_bytes(full[: len(full) // 2])
+    elif case == "foreign":
+        state = {"layer.weight": torch.zeros(3, 2)}
+        torch.save({"state_dict": state, "hyper_parameters": {"hidden": 3}}, ckpt)
+    elif case == "tampered":
+        data = torch.load(_pathoscope_checkpoint(tmp_path / "full.ckpt"), weights_only=False)
+        del data["state_dict"]["model.discriminator.fc2.bias"]
+        torch.save(data, ckpt)
+    args = ["test", *dataset_configs("brats"), *tiny_overrides("brats", brats_root)]
+    args += [f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={run}"]
+    assert cli.main([*args, f"--metrics.output_dir={run}"]) == cli.EXIT_USAGE
+    assert message in _one_error_line(capsys, "test")
+    assert [p.name for p in run.rglob("*")] == ["metrics.json"]
+    assert (run / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
 
 
 def test_table_of_a_missing_folder_is_one_line(

@@ -101,6 +101,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
     p.add_argument("--runs", default="runs", help="runs root folder (default runs)")
     p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace finished seeds (refused otherwise)"
+    )
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -116,6 +119,7 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         runs_root=args.runs,
         max_steps=args.max_steps,
         overrides=extra,
+        overwrite=args.overwrite,
     )
     print((base / "summary.md").read_text())
     return 0
@@ -152,6 +156,7 @@ def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
         logger=args.logger,
         max_steps=args.max_steps,
         overrides=extra,
+        overwrite=args.overwrite,
     )
     print((out / "grid.md").read_text())
     return 0
@@ -327,6 +332,7 @@ def _front_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (sets --data.root)")
     p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
     p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument("--overwrite", action="store_true", help="replace finished runs")
     p.set_defaults(handler=_cmd_grid)
 
     p = sub.add_parser(

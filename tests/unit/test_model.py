@@ -310,3 +310,19 @@ def test_pieg_direction_reaches_pieg(
     model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
     model.training_losses(next(iter(dm.train_dataloader())))
     assert seen == [expected]
+
+
+@pytest.mark.parametrize(("source", "warns"), [("discriminator", True), ("anchor_distance", False)])
+def test_fit_of_zero_steps_warns_when_the_method_needs_training(
+    brats_root: Path, tmp_path: Path, source: str, warns: bool
+) -> None:
+    """max_steps 0 leaves D untrained: its scores mean nothing, and the fit says so plainly; the
+    nearest-anchor baseline needs no training and is not warned about."""
+    model = _model(scoring={"source": source})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_steps=0).fit(model, _datamodule(brats_root))
+    flagged = [str(w.message) for w in seen if "0 training steps" in str(w.message)]
+    assert len(flagged) == int(warns), flagged
+    if warns:
+        assert "scoring.source='discriminator'" in flagged[0] and "anchor_knn" in flagged[0]

@@ -57,9 +57,12 @@ __all__ = [
 def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwargs: object) -> Path:
     """Write a demo dataset for `pathoscope make-demo-data --dataset brats|chestxray8 --out DIR`.
 
-    Defaults are small enough to write in seconds and large enough for the default few-shot
-    protocol at reduced test counts: BraTS 20 subjects of 128 x 128 x 100, ChestX-ray8 60 normal
-    + 60 abnormal images of 256 x 256. Keyword arguments override the writer's defaults.
+    Defaults are large enough for the datasets' default protocols (experiments/brats.yaml: 130
+    healthy + 290 tumorous test slices; chestxray8.yaml: 1,490 test images), with room for up to
+    8 shots, and small enough to write in seconds: BraTS 40 subjects of 128 x 128 x 100,
+    ChestX-ray8 1,000 normal + 1,000 abnormal images of 128 x 128 with 90 % of the patients in the
+    test list. Keyword arguments override the writer's defaults (the `demo` dataset choice of
+    experiments/datasets.yaml writes 20 subjects: its demo.yaml tests fewer slices).
     `kind` (BraTS only): "phantom" (`write_brats`) or "anatomy" (brains from the MNI152 template,
     `synthetic.anatomy.write_brats_anatomy`; needs nilearn's data files).
     Returns the path to give the data module as `root`.
@@ -67,7 +70,7 @@ def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwarg
     if kind not in DEMO_KINDS:
         raise DataError(f"make_demo_data: unknown kind {kind!r}; expected one of {DEMO_KINDS}")
     if dataset == "brats":
-        opts: dict = {"n_subjects": 20, "shape": (128, 128, 100)}
+        opts: dict = {"n_subjects": 40, "shape": (128, 128, 100)}
         opts.update(kwargs)
         if kind == "anatomy":
             return write_brats_anatomy(out, **opts)
@@ -75,7 +78,7 @@ def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwarg
     if kind != "phantom":
         raise DataError(f"make_demo_data: kind={kind!r} applies to brats only, not {dataset!r}")
     if dataset == "chestxray8":
-        opts = {"n_normal": 60, "n_abnormal": 60, "size": 256}
+        opts = {"n_normal": 1000, "n_abnormal": 1000, "size": 128, "test_fraction": 0.9}
         opts.update(kwargs)
         return write_chestxray8(out, **opts)
     raise DataError(

@@ -330,18 +330,29 @@ def test_lesion_min_fraction_is_one_value_for_model_and_data(
 
 
 # ------------------------------------------------------------------------------- data verbs
-def test_make_demo_data_writes_a_loadable_set(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("dataset", "n_test"), [("chestxray8", 1490), ("brats", 130 + 290)])
+def test_make_demo_data_fits_the_default_protocol(
+    dataset: str, n_test: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "chest"
-    assert cli.main(["make-demo-data", "--dataset", "chestxray8", "--out", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
-    assert len(list((out / "images").glob("*.png"))) == 120
-    from data_modules.chestxray8 import ChestXray8DataModule
+    """`make-demo-data --dataset D` then `train --dataset D` on it: the set supplies the default
+    test counts of experiments/D.yaml (the paper's) with 8 shots left for training."""
+    import importlib
 
-    dm = ChestXray8DataModule(str(out), shots=2, n_test=20, image_size=64)
+    import yaml
+
+    out = tmp_path / dataset
+    assert cli.main(["make-demo-data", "--dataset", dataset, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    root = printed.split("data root: ")[1].split()[0]
+    assert root.startswith(str(out))
+    data = yaml.safe_load((EXPERIMENTS / f"{dataset}.yaml").read_text())["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    args = {**data["init_args"], "root": root, "shots": 8, "image_size": 64}
+    dm = cls(**args)
     dm.setup("fit")
-    assert len(dm.test_dataset()) == 20
+    assert len(dm.test_dataset()) == n_test
+    assert len(dm.train_subjects) == 8
 
 
 def test_show_data_writes_the_grid_of_a_config(brats_root: Path, tmp_path: Path) -> None:

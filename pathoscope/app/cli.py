@@ -61,10 +61,19 @@ Other verbs:
 
 def _error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input and end as one line (imports kept lazy: torch is slow)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from data_modules.errors import DataError
     from pathoscope.backbone import BackboneWeightsError
 
-    return (DataError, BackboneWeightsError, FileNotFoundError, ValueError)
+    # MisconfigurationException: Lightning's refusal of a trainer setting (--trainer.max_steps -5)
+    return (
+        DataError,
+        BackboneWeightsError,
+        FileNotFoundError,
+        ValueError,
+        MisconfigurationException,
+    )
 
 
 # ------------------------------------------------------------------------------- LightningCLI

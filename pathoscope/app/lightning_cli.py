@@ -180,6 +180,18 @@ class PathoScopeCLI(LightningCLI):
         checkpoints): the data module's split, and the checkpoint's tensors in the model (the
         trainer loads them again, the same)."""
         self.datamodule.setup(stage)
+        config = self.config[str(self.subcommand)]
+        if stage != "fit" and config.get("ckpt_path") in ("last", "best"):
+            # Lightning would test the untrained model, with a notice only, when there is none.
+            dirpath = config["checkpoint"]["dirpath"]
+            path = Path(dirpath) / f"{LAST_CHECKPOINT}.ckpt" if dirpath else None
+            if path is None or not path.is_file():
+                where = f"no {path}" if path else "no --checkpoint.dirpath to look in"
+                raise CheckpointError(
+                    f"--ckpt_path {config['ckpt_path']}: {where} (give the folder fit wrote "
+                    "last.ckpt into as --checkpoint.dirpath, or the file as --ckpt_path)"
+                )
+            self._checkpoint = (str(path), read_checkpoint(path))
         if self._checkpoint is not None:
             path, checkpoint = self._checkpoint
             try:

@@ -195,6 +195,7 @@ def test_checkpoint_of_an_old_version_is_one_line(
         ("--model.network.hidden_dim=0", "network.hidden_dim must be >= 1, got 0"),
         ("--data.shots=0", "shots must be >= 1, got 0"),
         ("--data.seed=-1", "seed must be >= 0, got -1"),
+        ("--trainer.max_steps=-5", "`max_steps` must be a non-negative integer or -1"),
     ],
 )
 def test_fit_out_of_range_value_is_one_line_naming_the_setting(
@@ -255,6 +256,7 @@ def _pathoscope_checkpoint(path: Path) -> Path:
         ("truncated", "truncated.ckpt: not a readable checkpoint"),
         ("foreign", "foreign.ckpt: not a usable PathoSCOPE checkpoint"),
         ("tampered", "tampered.ckpt: does not fit this model"),
+        ("last", "--ckpt_path last: no "),  # Lightning would test the untrained model
     ],
 )
 def test_checkpoint_errors_of_test_are_one_line_and_touch_no_run_folder(
@@ -285,8 +287,13 @@ def test_checkpoint_errors_of_test_are_one_line_and_touch_no_run_folder(
         data = torch.load(_pathoscope_checkpoint(tmp_path / "full.ckpt"), weights_only=False)
         del data["state_dict"]["model.discriminator.fc2.bias"]
         torch.save(data, ckpt)
+    elif case == "last":  # no last.ckpt in the checkpoint folder
+        ckpt = Path("last")
+        (tmp_path / "ckpts").mkdir()
     args = ["test", *dataset_configs("brats"), *tiny_overrides("brats", brats_root)]
     args += [f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={run}"]
+    if case == "last":
+        args.append(f"--checkpoint.dirpath={tmp_path / 'ckpts'}")
     assert cli.main([*args, f"--metrics.output_dir={run}"]) == cli.EXIT_USAGE
     assert message in _one_error_line(capsys, "test")
     assert [p.name for p in run.rglob("*")] == ["metrics.json"]

@@ -10,7 +10,7 @@ earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
   table           gather every config and K under a runs folder into one Markdown table + CSV
   grid            a local parameter grid (no account needed): table + one plot per metric
   sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
-  make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
+  make-demo-data  write a synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
   predict, export, bench  (their own modules: pathoscope.app.predict.run, .export, .bench.run)
 
@@ -363,8 +363,9 @@ def _front_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "make-demo-data",
         help="write a synthetic dataset in the real on-disk format",
-        description="Write a small synthetic BraTS2020 (NIfTI) or ChestX-ray8 (PNG + CSV) set "
-        "and print the folder to give as --data.root.",
+        description="Write a synthetic BraTS2020 (NIfTI) or ChestX-ray8 (PNG + CSV) set, large "
+        "enough for the dataset's default protocol (train --dataset D runs on it), and print the "
+        "folder to give as --data.root.",
     )
     p.add_argument("--dataset", required=True, choices=("brats", "chestxray8"))
     p.add_argument("--out", required=True, help="output folder")

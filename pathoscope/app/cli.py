@@ -188,12 +188,14 @@ def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
-    from data_modules.synthetic import make_demo_data
+    from data_modules.synthetic import PROTOCOL_SIZES, make_demo_data
 
     _no_extra(extra, "make-demo-data")
     if args.kind is not None and args.dataset != "brats":
         raise ValueError(f"--kind applies to --dataset brats only, not {args.dataset}")
-    root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom")
+    # Large enough for `train --dataset <same>` (its default test counts), unlike make train's demo.
+    sizes = PROTOCOL_SIZES[args.dataset]
+    root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom", **sizes)
     print(f"wrote a synthetic {args.dataset} set; data root: {root}")
     return 0
 

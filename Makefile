@@ -11,6 +11,7 @@ REPEATS ?= 1
 CONFIG ?=
 DATA_ROOT ?=
 LOGGER ?= csv
+OVERWRITE ?=
 WEIGHTS ?=
 RUNS ?= runs/$(DATASET)
 SWEEP ?= experiments/sweeps/eta.yaml
@@ -20,7 +21,7 @@ SWEEP ?= experiments/sweeps/eta.yaml
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: DATASET=demo|brats|chestxray8 SHOTS=K REPEATS=N DATA_ROOT=DIR CONFIG=NAME LOGGER=csv|wandb"
+	@echo "  variables: DATASET=demo|brats|chestxray8 SHOTS=K REPEATS=N DATA_ROOT=DIR CONFIG=NAME LOGGER=csv|wandb OVERWRITE=1"
 	@echo "             WEIGHTS=resnet18.pth (real data: a local ResNet18 state dict, unless timm's weights are cached)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -31,10 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv/ (torch pinned via constraints.txt) and install the project editable with test extras
 
-train: $(STAMP) ## fit + test seeds 0..REPEATS-1 (DATASET=demo by default: synthetic BraTS, K=2, 128 px) and print the table
+train: $(STAMP) ## fit + test seeds 0..REPEATS-1 (DATASET=demo by default: synthetic BraTS, K=2, 128 px) and print the table; OVERWRITE=1 replaces finished seeds
 	$(BIN)/pathoscope train --dataset $(DATASET) --shots $(SHOTS) --repeats $(REPEATS) \
 		$(if $(CONFIG),--config-name $(CONFIG)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --logger $(LOGGER) \
-		$(if $(WEIGHTS),--model.network.weights=$(WEIGHTS))
+		$(if $(WEIGHTS),--model.network.weights=$(WEIGHTS)) $(if $(OVERWRITE),--overwrite)
 
 table: $(STAMP) ## gather every config and K under RUNS=runs/<dataset> into one Markdown table + CSV
 	$(BIN)/pathoscope table --runs $(RUNS)

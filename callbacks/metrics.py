@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from pathoscope.files import atomic_path, write_text
 from pathoscope.metrics import (
     best_dice,
     dice_score,
@@ -374,16 +375,17 @@ class AnomalyMetrics(Callback):
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = out_dir / "metrics.json"
-        metrics_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        write_text(metrics_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
         self.written.append(metrics_path)
         if self.save_predictions:
             predictions_path = out_dir / "predictions.npz"
             tau = report["tau"]
-            np.savez(
-                predictions_path,
-                **{f.name: getattr(data, f.name) for f in fields(data)},
-                tau=np.float64(np.nan if tau is None else tau),
-            )
+            with atomic_path(predictions_path) as tmp:
+                np.savez(
+                    tmp,
+                    **{f.name: getattr(data, f.name) for f in fields(data)},
+                    tau=np.float64(np.nan if tau is None else tau),
+                )
             self.written.append(predictions_path)
 
     def _evaluate(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from data_modules.errors import DataError
 from pathoscope.feature_grid import FEATURE_STRIDE
+from pathoscope.hparams import check_range
 
 _TEXTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -158,10 +159,30 @@ class LesionSynthesizer:
         intensity_lesions: float = 0.0,
         intensity_range: tuple[float, float] = (1.0, 4.0),
     ) -> None:
-        if not 0.0 < min_fraction <= 1.0:
-            raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
-        if not 0 <= perlin_scale_range[0] < perlin_scale_range[1]:
-            raise ValueError(f"perlin_scale_range must be 0 <= lo < hi, got {perlin_scale_range}")
+        for name, value, interval in (
+            ("feature_stride", feature_stride, "[1, inf)"),
+            ("min_fraction", min_fraction, "(0, 1]"),
+            ("beta_mean", beta_mean, "[0, 1]"),
+            ("beta_std", beta_std, "[0, inf)"),
+            ("threshold", threshold, "(-1, 1)"),  # Perlin noise lies in (-1, 1)
+            ("brightness_std", brightness_std, "[0, inf)"),
+            ("intensity_lesions", intensity_lesions, "[0, 1]"),
+        ):
+            check_range(name, value, interval)
+        (b0, b1), (p0, p1), (c0, c1), (i0, i1) = (
+            beta_range,
+            perlin_scale_range,
+            contrast_range,
+            intensity_range,
+        )
+        for name, pair, ok, rule in (
+            ("beta_range", beta_range, 0 <= b0 <= b1 <= 1, "0 <= lo <= hi <= 1"),
+            ("perlin_scale_range", perlin_scale_range, 0 <= p0 < p1, "0 <= lo < hi"),
+            ("contrast_range", contrast_range, 0 < c0 <= c1, "0 < lo <= hi"),
+            ("intensity_range", intensity_range, 0 < i0 <= i1, "0 < lo <= hi"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be (lo, hi) with {rule}, got {pair}")
         self.feature_stride = feature_stride
         self.min_fraction = min_fraction
         self.beta_mean = beta_mean
@@ -179,10 +200,6 @@ class LesionSynthesizer:
         # region brighter or darker than the tissue by intensity_range foreground stds (log-uniform,
         # either sign), with soft edges. Brain lesions change tissue intensity (T2/FLAIR hyper-,
         # T1 hypointensity) far more often than they add texture.
-        if not 0.0 <= intensity_lesions <= 1.0:
-            raise ValueError(f"intensity_lesions must be in [0, 1], got {intensity_lesions}")
-        if not 0.0 < intensity_range[0] <= intensity_range[1]:
-            raise ValueError(f"intensity_range must be 0 < lo <= hi, got {intensity_range}")
         self.intensity_lesions = intensity_lesions
         self.intensity_range = intensity_range
         self.texture_files = _list_textures(Path(textures)) if textures is not None else None

@@ -62,6 +62,7 @@ from data_modules.common import (
     FewShotDataModule,
     Sample,
     Split,
+    check_ranges,
     choose_test_pool,
     rank_key,
     select_loading,
@@ -143,8 +144,12 @@ class BraTSDataModule(FewShotDataModule):
         if not 0 <= lo <= hi:
             raise ValueError(f"slice_range must be (lo, hi) with 0 <= lo <= hi, got {slice_range}")
         self.slice_range = (lo, hi)
-        if n_test_healthy < 0 or n_test_tumorous < 0:
-            raise ValueError("n_test_healthy and n_test_tumorous must be >= 0")
+        check_ranges(
+            {
+                "n_test_healthy": (n_test_healthy, "[0, inf)"),
+                "n_test_tumorous": (n_test_tumorous, "[0, inf)"),
+            }
+        )
         self.n_test_healthy = int(n_test_healthy)
         self.n_test_tumorous = int(n_test_tumorous)
         if intensity_norm not in INTENSITY_NORMS:

@@ -36,7 +36,19 @@ def load_volume(path: str | Path) -> np.ndarray:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip: EOFError, OSError, zlib.error...
         raise DataError(f"{rel_name(path)}: cannot read the volume data ({exc})") from exc
+    check_finite(path, data)
     return data.reshape(data.shape[:3])
+
+
+def check_finite(path: Path, data: np.ndarray) -> None:
+    """DataError naming the file and the count when voxels are NaN or infinite (they would make
+    every normalised value and score NaN, or silently clip)."""
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise DataError(
+            f"{rel_name(path)}: {bad} of {data.size} voxels are not finite (NaN or infinity); "
+            "expected finite intensities (replace them, e.g. by 0 outside the brain)"
+        )
 
 
 def check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:

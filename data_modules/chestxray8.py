@@ -44,6 +44,7 @@ from data_modules.common import (
     FewShotDataModule,
     Sample,
     Split,
+    check_ranges,
     choose_test_pool,
     rank_key,
     select_loading,
@@ -57,6 +58,7 @@ NORMAL_LABEL = "No Finding"
 DATA_ENTRY_REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
 BBOX_REQUIRED = ("Image Index", "Bbox [x", "y", "w", "h]")
 BBOX_FRAME = 1024
+VIEWS = ("PA", "AP")  # the "View Position" values of the real list
 
 
 def load_grey_png(path: str | Path) -> np.ndarray:
@@ -154,12 +156,15 @@ class ChestXray8DataModule(FewShotDataModule):
             intensity_lesions,
         )
         self.save_hyperparameters()
-        if n_test < 1:
-            raise ValueError(f"n_test must be >= 1, got {n_test}")
-        if not 0.0 <= test_abnormal_fraction <= 1.0:
-            raise ValueError(
-                f"test_abnormal_fraction must be in [0, 1], got {test_abnormal_fraction}"
-            )
+        check_ranges(
+            {
+                "n_test": (n_test, "[1, inf)"),
+                "test_abnormal_fraction": (test_abnormal_fraction, "[0, 1]"),
+                "bbox_frame": (bbox_frame, "[1, inf)"),
+            }
+        )
+        if view is not None and str(view).upper() not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS} (any case) or null, got {view!r}")
         self.root = Path(root).expanduser()
         self.n_test = int(n_test)
         self.test_abnormal_fraction = float(test_abnormal_fraction)

@@ -30,12 +30,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_modules.anomaly_synthesis import LesionSynthesizer
 from data_modules.errors import DataError
 from data_modules.transforms import TrainAugmentation, normalize
+from pathoscope.hparams import check_range
 
 log = logging.getLogger(__name__)
 SelectionT = TypeVar("SelectionT")
 
 # Extra validation copies for a training subject without another healthy image.
 VAL_COPIES_WITHOUT_OTHERS = 2
+
+
+def check_ranges(settings: dict[str, tuple[object, str]]) -> None:
+    """ValueError naming the first setting outside its interval: {name: (value, interval)}, the
+    intervals written as `pathoscope.hparams.check_range` reads them ("[1, inf)", "[0, 1]")."""
+    for name, (value, interval) in settings.items():
+        check_range(name, value, interval)
 
 
 @dataclass
@@ -243,16 +251,17 @@ class FewShotDataModule(L.LightningDataModule):
         intensity_lesions: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("shots", shots),
-            ("image_size", image_size),
-            ("batch_size", batch_size),
-            ("steps_per_epoch", steps_per_epoch),
-        ):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_ranges(
+            {
+                "shots": (shots, "[1, inf)"),
+                "seed": (seed, "[0, inf)"),  # numpy's default_rng([seed, g]): no negative seeds
+                "test_seed": (test_seed, "[0, inf)"),
+                "image_size": (image_size, "[1, inf)"),
+                "batch_size": (batch_size, "[1, inf)"),
+                "steps_per_epoch": (steps_per_epoch, "[1, inf)"),
+                "num_workers": (num_workers, "[0, inf)"),
+            }
+        )
         self.shots = int(shots)
         self.seed = int(seed)
         self.test_seed = int(test_seed)

@@ -4,20 +4,58 @@ The LightningModule takes one argument per group, so a YAML nests them and any k
 overridden from the command line (`--model.pieg.eta 0.05`, `--model.bank.max_anchors 1024`).
 Defaults are the paper's unless marked (GLASS) or (ours); docs/configs.md says how to add one.
 Each group also accepts a plain mapping (`coerce`), which is how checkpoints store them.
+Every numeric field has its allowed range in its class's RANGES (interval notation), checked at
+construction with a message naming the setting (`check_range`, also used by the data modules).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 GroupT = TypeVar("GroupT")
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_range(name: str, value: Any, interval: str) -> None:
+    """ValueError naming the setting `name` unless `value` is a number in `interval`.
+
+    `interval` is written as in mathematics: "[0, inf)" (>= 0), "(0, inf)" (> 0), "(0, 1]", "[1, inf)"
+    and so on; NaN is never inside, and an open "inf" end refuses infinity.
+    """
+    match = _INTERVAL.match(interval)
+    if match is None:
+        raise ValueError(f"check_range: bad interval {interval!r}")
+    left, lo_text, hi_text, right = match.groups()
+    lo, hi = float(lo_text), float(hi_text)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    inside = number and (
+        (lo <= value if left == "[" else lo < value)
+        and (value <= hi if right == "]" else value < hi)
+    )
+    if inside:
+        return
+    if math.isinf(hi) and right == ")":
+        expected = f"{'>=' if left == '[' else '>'} {lo_text}"
+        if math.isinf(lo):
+            expected = "a finite number"
+    else:
+        expected = f"in {interval}"
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_ranges(group: str, params: Any) -> None:
+    """Each field of `params` named in its class's RANGES lies in its interval."""
+    for name, interval in type(params).RANGES.items():
+        check_range(f"{group}.{name}", getattr(params, name), interval)
 
 
 @dataclass(frozen=True)
@@ -33,6 +71,11 @@ class NetworkParams:
     pretrained: bool = True
     weights: str | None = None
     hidden_dim: int = 1024
+
+    RANGES: ClassVar[dict[str, str]] = {"hidden_dim": "[1, inf)"}
+
+    def __post_init__(self) -> None:
+        check_ranges("network", self)
 
 
 @dataclass(frozen=True)
@@ -71,7 +114,16 @@ class PiEGParams:
     min_distance: float = 0.0
     projection: Literal["none", "hypersphere", "manifold"] = "none"
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "eta": "[0, inf)",
+        "steps": "[0, inf)",
+        "noise_std": "[0, inf)",
+        "noise_mean": "(-inf, inf)",
+        "min_distance": "[0, inf)",
+    }
+
     def __post_init__(self) -> None:
+        check_ranges("pieg", self)
         _check_choice("pieg.direction", self.direction, ("descent", "ascent"))
         _check_choice("pieg.units", self.units, ("absolute", "distance_scale"))
         _check_choice("pieg.projection", self.projection, ("none", "hypersphere", "manifold"))
@@ -107,6 +159,17 @@ class LossParams:
     global_in_foreground: bool = True
     synthetic_in_foreground: bool = False
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "lambda_pull": "(0, inf)",
+        "lambda_push": "(0, inf)",
+        "eps": "[0, inf)",
+        "focal_gamma": "[0, inf)",
+        "lesion_min_fraction": "(0, 1]",
+    }
+
+    def __post_init__(self) -> None:
+        check_ranges("losses", self)
+
 
 @dataclass(frozen=True)
 class BankParams:
@@ -130,6 +193,19 @@ class BankParams:
     backend: Literal["faiss", "torch"] = "faiss"
     knn_candidates: int = 8
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "coreset_ratio": "(0, 1]",
+        "max_anchors": "[1, inf)",
+        "copies": "[0, inf)",
+        "heldout_copies": "[0, inf)",
+        "seed": "[0, inf)",  # numpy seeds the augmented copies: no negative seeds
+        "knn_candidates": "[1, inf)",
+    }
+
+    def __post_init__(self) -> None:
+        check_ranges("bank", self)
+        _check_choice("bank.backend", self.backend, ("faiss", "torch"))
+
 
 @dataclass(frozen=True)
 class ScoringParams:
@@ -146,7 +222,10 @@ class ScoringParams:
     blur_sigma: float = 4.0
     tau_quantile: float = 0.95
 
+    RANGES: ClassVar[dict[str, str]] = {"blur_sigma": "[0, inf)", "tau_quantile": "[0, 1]"}
+
     def __post_init__(self) -> None:
+        check_ranges("scoring", self)
         _check_choice("scoring.source", self.source, ("discriminator", "anchor_distance"))
 
 
@@ -169,9 +248,16 @@ class OptimParams:
     weight_decay_discriminator: float = 0.01
     ema_decay: float = 0.0
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "lr_adapter": "(0, inf)",
+        "weight_decay_adapter": "[0, inf)",
+        "lr_discriminator": "(0, inf)",
+        "weight_decay_discriminator": "[0, inf)",
+        "ema_decay": "[0, 1)",
+    }
+
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_ranges("optim", self)
 
 
 @dataclass(frozen=True)

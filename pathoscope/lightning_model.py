@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from pathoscope.checkpoint import (
@@ -179,6 +180,17 @@ class PathoScope(L.LightningModule):
         if self._ema is not None and not self._ema_swapped:
             self._ema.swap()
         self._ema, self._ema_swapped = None, False
+
+    def on_fit_end(self) -> None:
+        if self.global_step == 0 and self.model.hp.scoring.source != "anchor_distance":
+            rank_zero_warn(
+                "PathoScope: fit ended after 0 training steps (trainer.max_steps=0?): the "
+                f"discriminator is untrained, so scoring.source={self.model.hp.scoring.source!r} "
+                "gives meaningless scores and metrics. Train for some steps, or use the untrained "
+                "nearest-anchor baseline (scoring.source=anchor_distance, "
+                "experiments/anchor_knn.yaml).",
+                category=UserWarning,
+            )
 
     def configure_optimizers(self) -> JointOptimizer:
         return JointOptimizer(

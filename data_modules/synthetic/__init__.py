@@ -34,6 +34,14 @@ from data_modules.synthetic.noise import smooth_noise
 from data_modules.synthetic.toy import toy_tensors, toy_texture_images, toy_training_batch
 
 DEMO_KINDS = ("phantom", "anatomy")
+# Sizes that the datasets' default protocols accept, with room for 8 shots (what
+# `pathoscope make-demo-data` writes): experiments/brats.yaml tests 130 healthy + 290 tumorous
+# slices (40 subjects), chestxray8.yaml 1,490 radiographs (1,000 + 1,000 images, 90 % of the
+# patients in the test list; 128 px keeps the set at about 25 MB).
+PROTOCOL_SIZES: dict[str, dict[str, object]] = {
+    "brats": {"n_subjects": 40},
+    "chestxray8": {"n_normal": 1000, "n_abnormal": 1000, "size": 128, "test_fraction": 0.9},
+}
 
 __all__ = [
     "BRATS_AFFINE",
@@ -43,6 +51,7 @@ __all__ = [
     "CHEST_BBOX_FRAME",
     "CHEST_DATA_ENTRY_COLUMNS",
     "MISNAMED_SEG",
+    "PROTOCOL_SIZES",
     "make_demo_data",
     "smooth_noise",
     "toy_tensors",
@@ -59,7 +68,8 @@ def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwarg
 
     Defaults are small enough to write in seconds and large enough for the default few-shot
     protocol at reduced test counts: BraTS 20 subjects of 128 x 128 x 100, ChestX-ray8 60 normal
-    + 60 abnormal images of 256 x 256. Keyword arguments override the writer's defaults.
+    + 60 abnormal images of 256 x 256. Keyword arguments override the writer's defaults
+    (PROTOCOL_SIZES: sets the default protocols themselves accept).
     `kind` (BraTS only): "phantom" (`write_brats`) or "anatomy" (brains from the MNI152 template,
     `synthetic.anatomy.write_brats_anatomy`; needs nilearn's data files).
     Returns the path to give the data module as `root`.

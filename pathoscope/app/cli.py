@@ -10,7 +10,7 @@ earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
   table           gather every config and K under a runs folder into one Markdown table + CSV
   grid            a local parameter grid (no account needed): table + one plot per metric
   sweep-run       one fit + test for a W&B sweep agent (experiments/sweeps/*.yaml call it)
-  make-demo-data  write a small synthetic BraTS or ChestX-ray8 set in the real on-disk format
+  make-demo-data  write a synthetic BraTS or ChestX-ray8 set in the real on-disk format
   show-data       a PNG grid of training, synthetic-lesion and test images of a config
   predict, export, bench, embeddings, maps  (their own modules: pathoscope.app.predict.run,
                   .export, .bench.run, .embeddings, .maps)
@@ -65,10 +65,19 @@ Figures:
 
 def _error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input and end as one line (imports kept lazy: torch is slow)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from data_modules.errors import DataError
     from pathoscope.backbone import BackboneWeightsError
 
-    return (DataError, BackboneWeightsError, FileNotFoundError, ValueError)
+    # MisconfigurationException: Lightning's refusal of a trainer setting (--trainer.max_steps -5)
+    return (
+        DataError,
+        BackboneWeightsError,
+        FileNotFoundError,
+        ValueError,
+        MisconfigurationException,
+    )
 
 
 # ------------------------------------------------------------------------------- LightningCLI
@@ -105,6 +114,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
     p.add_argument("--runs", default="runs", help="runs root folder (default runs)")
     p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace finished seeds (refused otherwise)"
+    )
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -125,6 +137,7 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         runs_root=args.runs,
         max_steps=args.max_steps,
         overrides=extra,
+        overwrite=args.overwrite,
     )
     base = train(config_name=args.config_name, **common)
     print((base / "summary.md").read_text())
@@ -177,6 +190,7 @@ def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
         logger=args.logger,
         max_steps=args.max_steps,
         overrides=extra,
+        overwrite=args.overwrite,
     )
     print((out / "grid.md").read_text())
     return 0
@@ -199,12 +213,14 @@ def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
-    from data_modules.synthetic import make_demo_data
+    from data_modules.synthetic import PROTOCOL_SIZES, make_demo_data
 
     _no_extra(extra, "make-demo-data")
     if args.kind is not None and args.dataset != "brats":
         raise ValueError(f"--kind applies to --dataset brats only, not {args.dataset}")
-    root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom")
+    # Large enough for `train --dataset <same>` (its default test counts), unlike make train's demo.
+    sizes = PROTOCOL_SIZES[args.dataset]
+    root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom", **sizes)
     print(f"wrote a synthetic {args.dataset} set; data root: {root}")
     return 0
 
@@ -324,6 +340,7 @@ def _front_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (sets --data.root)")
     p.add_argument("--logger", choices=("csv", "wandb"), default="csv")
     p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument("--overwrite", action="store_true", help="replace finished runs")
     p.set_defaults(handler=_cmd_grid)
 
     p = sub.add_parser(
@@ -345,8 +362,9 @@ def _front_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "make-demo-data",
         help="write a synthetic dataset in the real on-disk format",
-        description="Write a small synthetic BraTS2020 (NIfTI) or ChestX-ray8 (PNG + CSV) set "
-        "and print the folder to give as --data.root.",
+        description="Write a synthetic BraTS2020 (NIfTI) or ChestX-ray8 (PNG + CSV) set, large "
+        "enough for the dataset's default protocol (train --dataset D runs on it), and print the "
+        "folder to give as --data.root.",
     )
     p.add_argument("--dataset", required=True, choices=("brats", "chestxray8"))
     p.add_argument("--out", required=True, help="output folder")
@@ -401,10 +419,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pathoscope {verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        err = _reason(err)
         if not isinstance(err, _error_types()) and not _is_argument_error(err):
             raise
         print(f"pathoscope {verb}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _reason(err: Exception) -> Exception:
+    """The user error behind `err`: jsonargparse reports a class that refused its arguments as
+    "Does not validate against any of the Union subtypes ...", raised from the class's own error
+    (e.g. "shots must be >= 1, got 0"), which is the one to show."""
+    cause = err.__cause__
+    while isinstance(cause, _error_types()):
+        err, cause = cause, cause.__cause__
+    return err
 
 
 def _is_argument_error(err: BaseException) -> bool:

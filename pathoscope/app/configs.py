@@ -33,6 +33,17 @@ class DatasetChoice:
     compare_with: tuple[str, ...] = ()  # configs `train` also runs and tables beside the method
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The content of a YAML file; ValueError naming the file and the line when it is not YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
 def experiments_dir() -> Path:
     """The experiments/ folder of this checkout (PATHOSCOPE_EXPERIMENTS overrides it)."""
     env = os.environ.get("PATHOSCOPE_EXPERIMENTS")
@@ -57,7 +68,7 @@ def dataset_choices() -> dict[str, DatasetChoice]:
     path = experiments_dir() / DATASETS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the list of dataset choices is missing")
-    entries = yaml.safe_load(path.read_text()) or {}
+    entries = read_yaml(path) or {}
     choices = {}
     for name, entry in entries.items():
         if not isinstance(entry, Mapping) or not entry.get("configs"):

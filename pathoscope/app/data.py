@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from pathoscope.app.configs import defaults_file
+from pathoscope.app.configs import defaults_file, read_yaml
 
 
 def build_datamodule(configs: Sequence[str | Path], overrides: Sequence[str] = ()) -> Any:
@@ -33,7 +33,7 @@ def build_datamodule(configs: Sequence[str | Path], overrides: Sequence[str] = (
     data_args: list[str] = []
     fraction = None
     for path in [defaults_file(), *configs]:
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        config = read_yaml(path) or {}
         losses = (config.get("model") or {}).get("losses") or {}
         fraction = losses.get("lesion_min_fraction", fraction)
         if config.get("data") is not None:

@@ -8,7 +8,8 @@ half-written is ever picked up by `pathoscope table`. The CSV log (logs/metrics.
 the W&B logger too: the training curves are drawn from it.
 
 Layout: <runs>/<dataset>/<config>/k<K>/seed<i>/ for the runs, and summary.json / summary.md in
-<runs>/<dataset>/<config>/k<K>/ (written by pathoscope.app.reporting).
+<runs>/<dataset>/<config>/k<K>/ (written by pathoscope.app.reporting). `train` and `grid` never
+replace a finished run unless asked (`overwrite`): they refuse, naming it, before any run starts.
 """
 
 from __future__ import annotations
@@ -183,8 +184,12 @@ def train(
     runs_root: str | Path = "runs",
     max_steps: int | None = None,
     overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> Path:
-    """Fit + test seeds 0..repeats-1; write summary.json / summary.md; returns the k<K> folder."""
+    """Fit + test seeds 0..repeats-1; write summary.json / summary.md; returns the k<K> folder.
+
+    Finished seed folders are never replaced unless `overwrite` (ValueError before any run).
+    """
     if shots < 1:
         raise ValueError(f"--shots must be >= 1, got {shots}")
     if repeats < 1:
@@ -194,8 +199,9 @@ def train(
     _check_overrides(overrides)
     config_name = config_name.removesuffix(".yaml")
     files = config_files(dataset, config_name)
-    root = dataset_root(dataset, data_root)
     base = Path(runs_root) / dataset / config_name / f"k{shots}"
+    _refuse_finished((base / f"seed{seed}" for seed in range(repeats)), overwrite)
+    root = dataset_root(dataset, data_root)
     args = [*overrides, f"--data.root={root}", f"--data.shots={shots}"]
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")
@@ -217,15 +223,43 @@ def train(
     return base
 
 
+OVERRIDE_PREFIXES = (
+    "--model",
+    "--data",
+    "--trainer",
+    "--metrics",
+    "--checkpoint",
+    "--seed_everything",
+)
+
+
 def _check_overrides(overrides: Sequence[str]) -> None:
+    """Every option is a LightningCLI key; `--key=value` and `--key value` are both accepted (a
+    value may start with "-": `--model.pieg.eta -1` is refused by the range check, not here)."""
+    value_next = False
     for arg in overrides:
-        if arg.startswith("-") and not arg.startswith(
-            ("--model", "--data", "--trainer", "--metrics", "--checkpoint", "--seed_everything")
-        ):
-            raise ValueError(
-                f"unrecognised argument {arg}: only --model.*, --data.*, --trainer.*, "
-                "--metrics.*, --checkpoint.* overrides pass through"
-            )
+        if value_next and not arg.startswith("--"):
+            value_next = False
+            continue
+        if arg.startswith("-"):
+            if not arg.startswith(OVERRIDE_PREFIXES):
+                raise ValueError(
+                    f"unrecognised argument {arg}: only --model.*, --data.*, --trainer.*, "
+                    "--metrics.*, --checkpoint.* overrides pass through"
+                )
+            value_next = "=" not in arg
+        else:
+            raise ValueError(f"unrecognised argument {arg}: a value needs its --key before it")
+
+
+def _refuse_finished(folders: Iterable[Path], overwrite: bool) -> None:
+    """ValueError naming the first finished run among `folders`, unless `overwrite`."""
+    finished = [f for f in folders if f.is_dir()]
+    if finished and not overwrite:
+        raise ValueError(
+            f"{finished[0]}: a finished run is there ({len(finished)} of the runs to do); pass "
+            "--overwrite to replace them, or give another --runs / --out folder"
+        )
 
 
 def _checked_args(
@@ -272,8 +306,10 @@ def grid(
     logger: str = "csv",
     max_steps: int | None = None,
     overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> Path:
-    """Every combination of the --param values x shots x seeds; grid.md/.csv and plots in `out`."""
+    """Every combination of the --param values x shots x seeds; grid.md/.csv and plots in `out`.
+    Finished runs are never replaced unless `overwrite` (ValueError before any run)."""
     parsed = [parse_param(p) for p in params]
     if any(k < 1 for k in shots):
         raise ValueError(f"--shots must be >= 1, got {list(shots)}")
@@ -283,10 +319,22 @@ def grid(
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")
     out = Path(out)
+    combos = [
+        tuple((key, v) for (key, _), v in zip(parsed, values, strict=True))
+        for values in itertools.product(*(vals for _, vals in parsed))
+    ]
+    _refuse_finished(
+        (
+            out / _combo_name(combo) / f"k{k}" / f"seed{seed}"
+            for combo in combos
+            for k in shots
+            for seed in range(repeats)
+        ),
+        overwrite,
+    )
     group = "grid-" + "+".join(Path(c).stem for c in configs)
     results: list[GridResult] = []
-    for values in itertools.product(*(vals for _, vals in parsed)):
-        combo = tuple((key, v) for (key, _), v in zip(parsed, values, strict=True))
+    for combo in combos:
         for k in shots:
             per_seed = []
             folder = out / _combo_name(combo) / f"k{k}"

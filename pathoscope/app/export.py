@@ -28,6 +28,7 @@ import torch
 from data_modules.errors import DataError
 from pathoscope.app.predict.common import load_model
 from pathoscope.checkpoint import CHECKPOINT_VERSION, CheckpointError
+from pathoscope.files import atomic_path
 from pathoscope.folded import FoldedDetector
 from pathoscope.postprocess import tau_value
 from pathoscope.torch_model import PathoScopeModel
@@ -90,7 +91,8 @@ def export_onnx(model: PathoScopeModel, out: str | Path, opset: int | None = Non
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(export_metadata(model))})
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    with atomic_path(out) as tmp:  # an interrupted export leaves no truncated file
+        onnx.save(proto, str(tmp))
     return out
 
 

@@ -12,20 +12,36 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from callbacks.metrics import AnomalyMetrics
 from callbacks.panels import AnomalyPanels
 from data_modules.common import FewShotDataModule, TrainSampler
-from pathoscope.app.configs import defaults_file
-from pathoscope.checkpoint import read_checkpoint
+from pathoscope.app.configs import defaults_file, read_yaml
+from pathoscope.checkpoint import CheckpointError, read_checkpoint
+from pathoscope.files import write_text
 from pathoscope.lightning_model import PathoScope
 
 LAST_CHECKPOINT = "last"  # the only checkpoint a run keeps: <checkpoint.dirpath>/last.ckpt
+CKPT_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves (and registry:*)
 # Arguments set from another (link_arguments): given on their own they would be overwritten.
 LINKED = {"data.lesion_min_fraction": "model.losses.lesion_min_fraction"}
+
+
+class SaveConfigAtomically(SaveConfigCallback):
+    """Lightning's SaveConfigCallback (config.yaml in the log folder, replaced if there), written
+    aside and renamed when complete (pathoscope.files)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # on every rank: it broadcasts
+        if trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, self.parser.dump(self.config, skip_none=False))
+        self.already_saved = True
 
 
 class FinalValidation(Callback):
@@ -92,12 +108,17 @@ class PathoScopeCLI(LightningCLI):
       always belongs to the final model, and last.ckpt is rewritten with it.
     * `validate` / `test` with a checkpoint file check its version first, and build the model
       without loading backbone weights from anywhere: the checkpoint holds them.
+    * Bad input stops before anything is written (config.yaml, logs, checkpoints): a `--ckpt_path`
+      file is read and checked while the arguments are parsed (missing, unreadable, foreign, of
+      another version: one line naming it), and before the trainer starts the data's split is
+      built and the checkpoint's tensors are loaded into the model. config.yaml is written aside
+      and renamed (SaveConfigAtomically).
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
         self.final_validation = FinalValidation()
         callbacks = [self.final_validation, TrainSamplerEpoch()]
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", SaveConfigAtomically)
         defaults = {"default_config_files": [str(defaults_file())]}
         super().__init__(
             PathoScope,
@@ -138,8 +159,11 @@ class PathoScopeCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config.get(str(self.config.get("subcommand")), self.config)
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)  # a clear error naming the file and the versions
+        self._checkpoint: tuple[str, dict[str, Any]] | None = None
+        if ckpt_path and not (ckpt_path in CKPT_KEYWORDS or str(ckpt_path).startswith("registry")):
+            # Missing, unreadable, foreign or of another version: one line naming the file,
+            # before Lightning reads its hyperparameters and before anything is written.
+            self._checkpoint = (str(ckpt_path), read_checkpoint(ckpt_path))
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -155,6 +179,41 @@ class PathoScopeCLI(LightningCLI):
             if getattr(self, "_checkpoint_backbone", False):
                 warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
             super().instantiate_classes()
+
+    def _load_before_writing(self, stage: str) -> None:
+        """What bad input can break, before the trainer writes anything (config.yaml, logs,
+        checkpoints): the data module's split, and the checkpoint's tensors in the model (the
+        trainer loads them again, the same)."""
+        self.datamodule.setup(stage)
+        config = self.config[str(self.subcommand)]
+        if stage != "fit" and config.get("ckpt_path") in ("last", "best"):
+            # Lightning would test the untrained model, with a notice only, when there is none.
+            dirpath = config["checkpoint"]["dirpath"]
+            path = Path(dirpath) / f"{LAST_CHECKPOINT}.ckpt" if dirpath else None
+            if path is None or not path.is_file():
+                where = f"no {path}" if path else "no --checkpoint.dirpath to look in"
+                raise CheckpointError(
+                    f"--ckpt_path {config['ckpt_path']}: {where} (give the folder fit wrote "
+                    "last.ckpt into as --checkpoint.dirpath, or the file as --ckpt_path)"
+                )
+            self._checkpoint = (str(path), read_checkpoint(path))
+        if self._checkpoint is not None:
+            path, checkpoint = self._checkpoint
+            try:
+                self.model.load_state_dict(checkpoint["state_dict"])
+            except (KeyError, RuntimeError) as exc:
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise CheckpointError(f"{path}: does not fit this model ({reason})") from exc
+            self._checkpoint = None
+
+    def before_fit(self) -> None:
+        self._load_before_writing("fit")
+
+    def before_validate(self) -> None:
+        self._load_before_writing("validate")
+
+    def before_test(self) -> None:
+        self._load_before_writing("test")
 
     def after_fit(self) -> None:
         finish_fit(self.trainer, self.model, self.datamodule, self.final_validation)
@@ -172,7 +231,7 @@ def refuse_link_targets(args: Sequence[str]) -> None:
                 arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
             )
             if Path(path).is_file():
-                config = yaml.safe_load(Path(path).read_text()) or {}
+                config = read_yaml(path) or {}
                 data = config.get("data") or {}
                 init = {**data, **(data.get("init_args") or {})} if isinstance(data, dict) else {}
                 for target, source in LINKED.items():

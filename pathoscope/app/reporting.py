@@ -20,6 +20,7 @@ from typing import Any
 from pathoscope.app.configs import DEFAULT_CONFIG
 from pathoscope.app.figures.shots import SHOTS_FILE, plot_metrics_vs_k
 from pathoscope.app.paper_tables import paper_rows
+from pathoscope.files import atomic_path, write_text
 
 # The four metrics of the paper's Table 1, in its order, with their column titles.
 TABLE_METRICS: dict[str, str] = {
@@ -158,10 +159,10 @@ def figures_markdown(folder: Path, repeats: int) -> str:
 
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text(folder / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     markdown = summary_markdown(summary)
     figures = figures_markdown(folder, int(summary["repeats"]))
-    (folder / "summary.md").write_text(markdown + ("\n" + figures if figures else ""))
+    write_text(folder / "summary.md", markdown + ("\n" + figures if figures else ""))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -275,14 +276,14 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def write_table(runs_dir: Path, paper: bool = True) -> str:
     """Write table.md, table.csv and metrics_vs_k.png into `runs_dir`; returns the Markdown."""
     summaries = load_summaries(runs_dir)
     markdown, rows = build_table(summaries, paper=paper)
-    (Path(runs_dir) / "table.md").write_text(markdown)
+    write_text(Path(runs_dir) / "table.md", markdown)
     _write_csv(Path(runs_dir) / "table.csv", rows)
     datasets = sorted({str(s.get("dataset")) for s in summaries})
     refs = [r for d in datasets for r in paper_rows(d)] if paper else []
@@ -325,8 +326,9 @@ def write_grid_outputs(
         md.append("| " + " | ".join(cells) + " |")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.md").write_text(
-        "\n".join(md) + "\n\nMean ± std over the seeds in percent, last checkpoint.\n"
+    write_text(
+        out / "grid.md",
+        "\n".join(md) + "\n\nMean ± std over the seeds in percent, last checkpoint.\n",
     )
     _write_csv(out / "grid.csv", rows)
     _plot_grid(out / f"grid_{keys[0].replace('/', '_')}.png", keys, combos, ks, by)
@@ -373,5 +375,6 @@ def _plot_grid(
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning  # noqa: F401  (imported outside capsys: its log handlers keep the real stderr)
 import numpy as np
 import pytest
-from integration_helpers import EXPERIMENTS, REPO, tiny_overrides
+from integration_helpers import EXPERIMENTS, REPO, dataset_configs, tiny_overrides
 from PIL import Image
 
 from pathoscope.app import cli
@@ -190,6 +190,119 @@ def test_checkpoint_of_an_old_version_is_one_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.ckpt"]  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.pieg.eta=-1", "pieg.eta must be >= 0, got -1.0"),
+        ("--model.pieg.steps=-5", "pieg.steps must be >= 0, got -5"),
+        ("--model.network.hidden_dim=0", "network.hidden_dim must be >= 1, got 0"),
+        ("--data.shots=0", "shots must be >= 1, got 0"),
+        ("--data.seed=-1", "seed must be >= 0, got -1"),
+        ("--trainer.max_steps=-5", "`max_steps` must be a non-negative integer or -1"),
+    ],
+)
+def test_fit_out_of_range_value_is_one_line_naming_the_setting(
+    override: str,
+    message: str,
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # Lightning's default log folder would go here
+    args = ["fit", *dataset_configs("brats"), *tiny_overrides("brats", brats_root, max_steps=1)]
+    assert cli.main([*args, override]) == cli.EXIT_USAGE
+    assert message in _one_error_line(capsys, "fit")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_config_that_is_not_yaml_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  pieg: [\n")
+    assert cli.main(["fit", "--config", str(bad)]) == cli.EXIT_USAGE
+    assert "bad.yaml: not valid YAML (line 3, column 1)" in _one_error_line(capsys, "fit")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def _pathoscope_checkpoint(path: Path) -> Path:
+    """A checkpoint file as `pathoscope fit` writes one (untrained weights, no anchors)."""
+    import lightning as L
+    import torch
+
+    from pathoscope.checkpoint import CHECKPOINT_VERSION
+    from pathoscope.lightning_model import PathoScope
+
+    model = PathoScope(
+        network={"pretrained": False, "hidden_dim": 64},
+        pieg={"steps": 2},
+        bank={"max_anchors": 256},
+    )
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pathoscope": {"version": CHECKPOINT_VERSION, "weights": "random", "preprocessing": {}},
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "missing.ckpt: checkpoint file not found"),
+        ("truncated", "truncated.ckpt: not a readable checkpoint"),
+        ("foreign", "foreign.ckpt: not a usable PathoSCOPE checkpoint"),
+        ("tampered", "tampered.ckpt: does not fit this model"),
+        ("last", "--ckpt_path last: no "),  # Lightning would test the untrained model
+    ],
+)
+def test_checkpoint_errors_of_test_are_one_line_and_touch_no_run_folder(
+    case: str,
+    message: str,
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`pathoscope test --ckpt_path` of a missing, truncated, foreign (another Lightning model's)
+    or tampered checkpoint: one line naming the file, and the run folder of an earlier test keeps
+    its metrics.json alone (no config.yaml naming the bad file, no logs)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"image_auroc": 0.9}\n')
+    ckpt = tmp_path / f"{case}.ckpt"
+    if case == "truncated":
+        full = _pathoscope_checkpoint(tmp_path / "full.ckpt").read_bytes()
+        ckpt.write_bytes(full[: len(full) // 2])
+    elif case == "foreign":
+        state = {"layer.weight": torch.zeros(3, 2)}
+        torch.save({"state_dict": state, "hyper_parameters": {"hidden": 3}}, ckpt)
+    elif case == "tampered":
+        data = torch.load(_pathoscope_checkpoint(tmp_path / "full.ckpt"), weights_only=False)
+        del data["state_dict"]["model.discriminator.fc2.bias"]
+        torch.save(data, ckpt)
+    elif case == "last":  # no last.ckpt in the checkpoint folder
+        ckpt = Path("last")
+        (tmp_path / "ckpts").mkdir()
+    args = ["test", *dataset_configs("brats"), *tiny_overrides("brats", brats_root)]
+    args += [f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={run}"]
+    if case == "last":
+        args.append(f"--checkpoint.dirpath={tmp_path / 'ckpts'}")
+    assert cli.main([*args, f"--metrics.output_dir={run}"]) == cli.EXIT_USAGE
+    assert message in _one_error_line(capsys, "test")
+    assert [p.name for p in run.rglob("*")] == ["metrics.json"]
+    assert (run / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
+
+
 def test_table_of_a_missing_folder_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -227,18 +340,29 @@ def test_lesion_min_fraction_is_one_value_for_model_and_data(
 
 
 # ------------------------------------------------------------------------------- data verbs
-def test_make_demo_data_writes_a_loadable_set(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("dataset", "n_test"), [("chestxray8", 1490), ("brats", 130 + 290)])
+def test_make_demo_data_fits_the_default_protocol(
+    dataset: str, n_test: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "chest"
-    assert cli.main(["make-demo-data", "--dataset", "chestxray8", "--out", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
-    assert len(list((out / "images").glob("*.png"))) == 120
-    from data_modules.chestxray8 import ChestXray8DataModule
+    """`make-demo-data --dataset D` then `train --dataset D` on it: the set supplies the default
+    test counts of experiments/D.yaml (the paper's) with 8 shots left for training."""
+    import importlib
 
-    dm = ChestXray8DataModule(str(out), shots=2, n_test=20, image_size=64)
+    import yaml
+
+    out = tmp_path / dataset
+    assert cli.main(["make-demo-data", "--dataset", dataset, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    root = printed.split("data root: ")[1].split()[0]
+    assert root.startswith(str(out))
+    data = yaml.safe_load((EXPERIMENTS / f"{dataset}.yaml").read_text())["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    args = {**data["init_args"], "root": root, "shots": 8, "image_size": 64}
+    dm = cls(**args)
     dm.setup("fit")
-    assert len(dm.test_dataset()) == 20
+    assert len(dm.test_dataset()) == n_test
+    assert len(dm.train_subjects) == 8
 
 
 def test_show_data_writes_the_grid_of_a_config(brats_root: Path, tmp_path: Path) -> None:

@@ -125,3 +125,20 @@ def test_export_errors(
     model.with_scoring(source="anchor_distance")
     with pytest.raises(ValueError, match="only discriminator checkpoints"):
         export_onnx(model, tmp_path / "a.onnx")
+
+
+def test_interrupted_export_leaves_no_file(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the ONNX file is being written: no file under the output's name (a later
+    run without --overwrite is not refused by half a file)."""
+
+    def interrupted_save(proto: object, path: str) -> None:
+        Path(path).write_bytes(b"half an ONNX file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save", interrupted_save)
+    out = tmp_path / "model.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(load_model(ckpt), out)
+    assert list(tmp_path.iterdir()) == []

@@ -335,6 +335,9 @@ def test_bad_single_inputs_give_one_line_errors(
     four = _save(np.stack([vol, t1], axis=-1), src.affine, tmp_path / "four.nii.gz")
     fake = tmp_path / "fake.nii.gz"
     fake.write_bytes(b"\x00" * 100)
+    with_nan = vol.astype(np.float32)
+    with_nan[30, 30, 75] = np.nan  # one voxel, in a scored slice
+    nan = _save(with_nan, src.affine, tmp_path / "nan.nii.gz")
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = {
@@ -343,6 +346,7 @@ def test_bad_single_inputs_give_one_line_errors(
         four: "four.nii.gz: expected a 3D volume, got shape (64, 64, 100, 2) (2 volumes): pass "
         "--channel",
         fake: "fake.nii.gz: cannot read NIfTI",
+        nan: f"nan.nii.gz: 1 of {vol.size} voxels are not finite (NaN or infinity)",
         empty: "empty: empty folder",
         tmp_path / "missing.nii.gz": "missing.nii.gz: input does not exist",
     }
@@ -446,3 +450,125 @@ def test_images_folder_overlays_and_csv(
     assert results[1].score == pytest.approx(float(scores[0]), abs=1e-5)
     # A BraTS checkpoint does not take images.
     assert main(_cli(ckpt, inputs / items[0]["subject"], tmp_path / "o2")) == 1
+
+
+def test_non_square_image_is_warned_and_rows_follow_replaced_outputs(
+    ckpt: Path, chestxray_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A radiograph of another aspect ratio is squashed to the square network size as in
+    training: the run says so. x.jpg and x.png share the overlay name: when x.png's overlay
+    replaces x.jpg's (--overwrite), x.jpg's row goes too, never pointing at x.png's picture."""
+    chest = _variant(ckpt, tmp_path / "chest.ckpt", preprocessing={"dataset": "chestxray8"})
+    name = sorted((chestxray_root / "images").iterdir())[0]
+    grey = np.asarray(Image.open(name).convert("L"))  # (64, 64)
+    jpg_dir, png_dir = tmp_path / "jpg", tmp_path / "png"
+    jpg_dir.mkdir()
+    png_dir.mkdir()
+    Image.fromarray(grey).save(jpg_dir / "x.jpg", quality=95)
+    Image.fromarray(np.concatenate([grey, grey[:, :32]], axis=1)).save(png_dir / "x.png")
+    out = tmp_path / "out"
+    assert main(_cli(chest, jpg_dir, out)) == 0
+    assert "not square" not in caplog.text
+    (row,) = _read_csv(out / "predictions.csv")
+    assert row["input"] == str(jpg_dir / "x.jpg") and row["overlay"] == "x_overlay.png"
+    assert main(_cli(chest, png_dir / "x.png", out)) == 1  # the overlay exists
+    assert main(_cli(chest, png_dir / "x.png", out, "--overwrite")) == 0
+    assert "x.png: 96 x 64 pixels (width x height) is not square" in caplog.text
+    rows = _read_csv(out / "predictions.csv")
+    assert [(r["input"], r["overlay"]) for r in rows] == [(str(png_dir / "x.png"), "x_overlay.png")]
+    assert np.asarray(Image.open(out / "x_overlay.png")).shape == (64, 2 * 96, 3)
+
+
+# ----------------------------------------------------------------------------- interruptions
+def _subject_copies(brats_root: Path, folder: Path, n: int) -> dict[str, str]:
+    """n volumes named v00.nii.gz ... in `folder`, copies of the tumour subjects in turn;
+    returns {input path: subject}."""
+    folder.mkdir()
+    subjects = {}
+    for i in range(n):
+        subject = (TUMOUR_SUBJECTS + LESION_SUBJECTS)[i % 5]
+        path = folder / f"v{i:02d}.nii.gz"
+        shutil.copy(_flair(brats_root, subject), path)
+        subjects[str(path)] = subject
+    return subjects
+
+
+def _assert_complete(out: Path, subjects: dict[str, str]) -> None:
+    """One row per input; every file a row names is complete (the gzip stream is read to its
+    end, which checks its CRC); copies of one subject have one score; nothing half-written."""
+    rows = _read_csv(out / "predictions.csv")
+    assert sorted(r["input"] for r in rows) == sorted(subjects)
+    by_subject: dict[str, set[str]] = {}
+    for r in rows:
+        by_subject.setdefault(subjects[r["input"]], set()).add(r["score"])
+        for key in ("anomaly_map", "pred_mask"):
+            data = np.asarray(nib.load(str(out / r[key])).dataobj)
+            assert data.shape == (64, 64, 100)
+        scores = _read_csv(out / r["scores"])
+        assert scores[-1]["level"] == "volume" and scores[-1]["score"] == r["score"]
+    assert all(len(scores) == 1 for scores in by_subject.values()), by_subject
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_folder_predict_completes_on_the_same_command(
+    ckpt: Path, brats_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the third volume's map is being written: the first two are complete, with
+    their rows; nothing of the third appears; the same command then does the rest."""
+    import pathoscope.app.predict.run as run_module
+    from pathoscope.app import cli
+
+    subjects = _subject_copies(brats_root, tmp_path / "in", 5)
+    out = tmp_path / "out"
+    args = ["predict", *_cli(ckpt, tmp_path / "in", out, "--slices", "70:71")]
+    real = run_module.write_volume_result
+    calls = []
+
+    def interrupted(result: object, folder: Path) -> dict[str, Path]:
+        calls.append(folder)
+        paths = real(result, folder)
+        if len(calls) == 3:
+            data = paths["anomaly_map"].read_bytes()
+            paths["anomaly_map"].write_bytes(data[: len(data) // 2])  # half a gzip stream
+            raise KeyboardInterrupt
+        return paths
+
+    monkeypatch.setattr(run_module, "write_volume_result", interrupted)
+    assert cli.main(args) == 130
+    first_two = dict(list(subjects.items())[:2])
+    _assert_complete(out, first_two)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("v02")) == []
+    monkeypatch.setattr(run_module, "write_volume_result", real)
+    assert cli.main(args) == 0  # the same command: the three missing volumes
+    _assert_complete(out, subjects)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs POSIX signals")
+def test_sigint_to_a_folder_predict_then_the_same_command(
+    ckpt: Path, brats_root: Path, tmp_path: Path
+) -> None:
+    """A real Ctrl-C (SIGINT to the process) once the first volume's outputs appear, then the
+    same command: complete outputs and a row for every input, none truncated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    subjects = _subject_copies(brats_root, tmp_path / "in", 8)
+    out = tmp_path / "out"
+    args = _cli(ckpt, tmp_path / "in", out, "--slices", "all", "--batch-size", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pathoscope.app.cli", "predict", *args, "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*_anomaly_map.nii.gz")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    done = _read_csv(out / "predictions.csv") if (out / "predictions.csv").exists() else []
+    assert 0 < len(done) < len(subjects)  # interrupted halfway, finished inputs recorded
+    assert main(args) == 0  # the same command, in-process
+    _assert_complete(out, subjects)

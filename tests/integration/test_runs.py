@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -137,6 +138,73 @@ def test_a_failed_run_leaves_nothing_behind(
     base = runs_root / "brats" / "pathoscope" / "k2"
     assert list(base.iterdir()) == []  # no seed0, no .seed0.partial, no summary
     assert reporting.load_summaries(runs_root) == []
+
+
+def _fake_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, list[str]]]:
+    """Replace run_one by a recorder of (run folder, overrides) returning fixed metrics."""
+    calls: list[tuple[Path, list[str]]] = []
+
+    def fake(configs: Any, run_dir: Path, seed: int, overrides: Any, **kwargs: Any) -> dict:
+        calls.append((Path(run_dir), list(overrides)))
+        run_dir.mkdir(parents=True)
+        return _metrics(0.5 + 0.1 * seed)
+
+    monkeypatch.setattr(experiments, "run_one", fake)
+    return calls
+
+
+def test_train_never_replaces_finished_seeds_without_overwrite(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = tmp_path / "runs" / "brats" / "pathoscope" / "k2"
+    (base / "seed1").mkdir(parents=True)
+    (base / "seed1" / "metrics.json").write_text('{"image_auroc": 0.9}\n')
+    (base / "summary.json").write_text("{}\n")
+    calls = _fake_runs(monkeypatch)
+    args = ["train", "--dataset", "brats", "--data-root", str(brats_root), "--repeats", "2"]
+    args += ["--runs", str(tmp_path / "runs")]
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert f"{base / 'seed1'}: a finished run is there" in err and "--overwrite" in err
+    assert "\n" not in err and calls == []  # refused before any seed ran
+    assert (base / "seed1" / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
+    assert (base / "summary.json").read_text() == "{}\n"
+    shutil.rmtree(base / "seed1")  # the fake run makes the folder itself
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert [c[0] for c in calls] == [base / "seed0", base / "seed1"]
+    assert json.loads((base / "summary.json").read_text())["repeats"] == 2
+
+
+def test_train_takes_overrides_as_key_value_and_key_space_value(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--model.x v` means `--model.x=v`, also when v starts with "-"; a stray value is refused."""
+    calls = _fake_runs(monkeypatch)
+    args = ["train", "--dataset", "brats", "--data-root", str(brats_root)]
+    args += ["--runs", str(tmp_path / "runs")]
+    extra = ["--model.pieg.eta", "-0.5", "--model.pieg.steps=3", "--data.shots", "2"]
+    assert cli.main([*args, *extra]) == 0
+    assert calls[0][1][: len(extra)] == extra
+    assert cli.main([*args, "--overwrite", "--model.pieg.steps=3", "7"]) == cli.EXIT_USAGE
+    assert "unrecognised argument 7" in capsys.readouterr().err
+
+
+def test_train_with_a_negative_eta_in_key_space_value_form_is_refused_by_its_range(
+    brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    args = ["train", "--dataset", "brats", "--data-root", str(brats_root), "--runs", str(runs)]
+    args += ["--model.network.pretrained", "false", "--model.pieg.eta", "-1"]
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("pathoscope train: error: pieg.eta must be >= 0, got -1.0"), err
+    assert not (runs / "brats" / "pathoscope" / "k2" / "seed0").exists()
 
 
 # ------------------------------------------------------------------------------- grid + sweep

@@ -7,6 +7,7 @@ runs a real two-process (gloo, forked) Trainer on a tiny module.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -299,6 +300,33 @@ def test_test_without_tau_warns_and_leaves_threshold_values_null(tmp_path: Path)
     for key in ("tau", "sensitivity", "specificity", "dice_at_tau", "iou_at_tau"):
         assert report[key] is None, key
     assert report["pixel_auroc"] is not None and report["pro"] is not None
+
+
+def test_interrupted_writes_leave_whole_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while predictions.npz is written: the earlier run's file stays whole (it is
+    replaced only by a complete one) and nothing half-written is left; metrics.json was
+    replaced whole."""
+    data = random_set(4, 16, seed=5)
+    batch = make_batch(
+        data["maps"], data["scores"].tolist(), data["labels"].tolist(), data["gt"], [0, 1, 2, 3]
+    )
+    (tmp_path / "metrics.json").write_text('{"earlier": true}\n')
+    (tmp_path / "predictions.npz").write_bytes(b"earlier run")
+
+    def interrupted_savez(file: Any, **arrays: Any) -> None:
+        Path(file).write_bytes(b"half an npz")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted_savez)
+    cb = AnomalyMetrics(save_predictions=True)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tau is NaN here
+        feed(cb, fake_trainer(tmp_path), FakeModule(), "test", [batch])
+    assert (tmp_path / "predictions.npz").read_bytes() == b"earlier run"
+    assert "image_auroc" in json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.npz"]
 
 
 def test_sanity_check_batches_are_ignored(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ inference, hyperparameter groups."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -97,11 +98,11 @@ def test_checkpoint_round_trip_reproduces_maps(fitted: tuple, brats_root: Path) 
     assert torch.equal(a.anomaly_map, b.anomaly_map)
     assert torch.equal(a.score, b.score)
     # The anchor-distance score also survives the round trip (the FAISS index is rebuilt).
+    model = copy.deepcopy(model)  # changed below; the fixture is shared
     loaded.model.with_scoring(source="anchor_distance")
     model.model.with_scoring(source="anchor_distance")
     with torch.no_grad():
         assert torch.equal(model(batch["image"]).anomaly_map, loaded(batch["image"]).anomaly_map)
-    model.model.with_scoring(source="discriminator")
 
 
 def test_torch_model_loads_without_a_trainer(fitted: tuple, brats_root: Path) -> None:
@@ -156,7 +157,7 @@ def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_folded_inference_equals_model(fitted: tuple) -> None:
-    model, _, _ = fitted
+    model = copy.deepcopy(fitted[0])  # changed below; the fixture is shared
     model.eval()
     net = model.model
     with (
@@ -268,7 +269,7 @@ def test_groups_accept_mappings_and_refuse_unknown_keys() -> None:
 def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tuple) -> None:
     """validation/test steps run the folded graph built at epoch start: same outputs as forward,
     rebuilt from the weights of that moment, and never part of the state_dict."""
-    model, _, _ = fitted
+    model = copy.deepcopy(fitted[0])  # changed below; the fixture is shared
     model.eval()
     keys = set(model.state_dict())
     x = torch.randn(2, 3, 64, 64)
@@ -352,3 +353,83 @@ def test_synthetic_in_foreground_perturbs_and_scores_only_foreground_cells(
             )
         )
         torch.testing.assert_close(out["bce_s"], bce(logits[2 * v_n[..., 0].numel() :], 1.0))
+
+
+@pytest.mark.parametrize(("source", "warns"), [("discriminator", True), ("anchor_distance", False)])
+def test_fit_of_zero_steps_warns_when_the_method_needs_training(
+    brats_root: Path, tmp_path: Path, source: str, warns: bool
+) -> None:
+    """max_steps 0 leaves D untrained: its scores mean nothing, and the fit says so plainly; the
+    nearest-anchor baseline needs no training and is not warned about."""
+    model = _model(scoring={"source": source})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_steps=0).fit(model, _datamodule(brats_root))
+    flagged = [str(w.message) for w in seen if "0 training steps" in str(w.message)]
+    assert len(flagged) == int(warns), flagged
+    if warns:
+        assert "scoring.source='discriminator'" in flagged[0] and "anchor_knn" in flagged[0]
+
+
+def test_training_losses_wiring(brats_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PathoScopeModel.training_losses itself (not a copy of its steps): PiEG's passes through D
+    use the BatchNorm statistics of the real features [v_n, v_p], detached, and leave D's running
+    statistics alone (they move once, for the step's own pass); PiEG's terms hold no graph to the
+    adapter (d_global_n and the statistics detached); v_s is v_n plus a constant, so it keeps the
+    adapter's graph through v_n with an identity Jacobian; and the loss backpropagates."""
+    import pathoscope.torch_model as model_module
+
+    L.seed_everything(0)
+    dm = _datamodule(brats_root)
+    batch = next(iter(dm.train_dataloader()))
+    model = _model(pieg={"steps": 3}).model.train()
+    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    with torch.no_grad():  # away from the identity, so that the adapter's graph shows
+        model.adapter.linear.weight.add_(0.05 * torch.randn_like(model.adapter.linear.weight))
+    seen: dict = {}
+    real_pieg = model_module.pieg
+
+    def spy(v_n: torch.Tensor, terms: object, **kwargs: object) -> torch.Tensor:
+        seen["v_n"], seen["terms"] = v_n, terms
+        seen["v_s"] = real_pieg(v_n, terms, **kwargs)
+        return seen["v_s"]
+
+    monkeypatch.setattr(model_module, "pieg", spy)
+    d = model.discriminator
+    stats_of_calls: list = []
+    real_forward = d.forward
+
+    def forward(v: torch.Tensor, bn_stats: tuple | None = None) -> torch.Tensor:
+        stats_of_calls.append(bn_stats)
+        return real_forward(v, bn_stats=bn_stats)
+
+    monkeypatch.setattr(d, "forward", forward)
+    tracked = int(d.bn.num_batches_tracked)
+    out = model.training_losses(batch, step=1)
+
+    # D: three PiEG passes with the real features' statistics, then the step's own pass.
+    assert [s is None for s in stats_of_calls] == [False, False, False, True]
+    with torch.no_grad():
+        v_real = model.embed(torch.cat([batch["image"], batch["lesion_image"]]))
+        expected = d.batch_stats(v_real)
+    for stats in stats_of_calls[:3]:
+        assert not any(t.requires_grad for t in stats)
+        for got, want in zip(stats, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    assert int(d.bn.num_batches_tracked) == tracked + 1
+    # PiEG's terms: a function of v_s alone.
+    v = seen["v_s"].detach().requires_grad_(True)
+    terms = seen["terms"](v)
+    adapter_params = list(model.adapter.parameters())
+    assert all(g is None for g in torch.autograd.grad(terms, adapter_params, allow_unused=True))
+    # v_s = v_n + constant: identity Jacobian, and the adapter's graph through v_n.
+    w = torch.randn_like(seen["v_s"])
+    (g,) = torch.autograd.grad((seen["v_s"] * w).sum(), seen["v_n"], retain_graph=True)
+    torch.testing.assert_close(g, w)
+    (g_adapter,) = torch.autograd.grad(
+        seen["v_s"].sum(), model.adapter.linear.weight, retain_graph=True
+    )
+    assert g_adapter.abs().sum() > 0
+    assert float(torch.linalg.vector_norm(seen["v_s"] - seen["v_n"], dim=-1).min()) > 0
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params)

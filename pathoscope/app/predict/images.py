@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,12 @@ from pathoscope.folded import inference_net
 from pathoscope.postprocess import tau_value
 from pathoscope.torch_model import PathoScopeModel
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Training resizes square radiographs to image_size x image_size; an image whose height / width
+# differs from 1 by more than this is squashed by the same resize, and predict says so.
+ASPECT_TOLERANCE = 0.05
 
 
 @dataclass
@@ -32,6 +38,7 @@ class ImageResult:
     anomaly_map: np.ndarray  # (H, W) float32
     score: float
     tau: float | None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def pred_mask(self) -> np.ndarray | None:
@@ -75,9 +82,30 @@ def predict_images(
             scores, maps = score_batch(net, images, fg, model.tau.device)
             for (i, p, grey), s, m in zip(loaded, scores, maps, strict=True):
                 full, _ = resize(m[:, :, None], grey.shape)
-                batch[i] = ImageResult(p, grey, full.reshape(grey.shape), float(s), tau)
+                batch[i] = ImageResult(
+                    p,
+                    grey,
+                    full.reshape(grey.shape),
+                    float(s),
+                    tau,
+                    _aspect_warnings(p, grey, size),
+                )
         results.extend(r for r in batch if r is not None)
     return results
+
+
+def _aspect_warnings(path: Path, grey: np.ndarray, size: int) -> list[str]:
+    """A warning (also logged) when the image is not square: it is squashed to size x size."""
+    h, w = grey.shape
+    if abs(h / w - 1.0) <= ASPECT_TOLERANCE:
+        return []
+    text = (
+        f"{path}: {w} x {h} pixels (width x height) is not square: it was resized to {size} x "
+        f"{size} like the square training images, so its anatomy is squashed {max(h, w) / min(h, w):.2f}:1 "
+        "and the map may be unreliable (crop or pad it to a square first)"
+    )
+    log.warning(text)
+    return [text]
 
 
 def overlay(result: ImageResult) -> np.ndarray:

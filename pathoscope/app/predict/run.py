@@ -26,7 +26,13 @@ back to the input's own orientation. Outputs per volume `<name>`:
 Images (PNG / JPEG): `<stem>_overlay.png` (left: the image with the pred_mask outline in red,
 right: the anomaly map blended over it) and one row each in `predictions.csv`.
 `predictions.csv` has one row per processed input (score, decision, output files); a later run
-into the same folder adds its rows. Slice scores are taken at the network size (image_size) and the
+into the same folder adds its rows. Each input's files are written aside (a hidden staging
+folder) and moved into place together with its row as soon as that input is done: an interrupted
+run (Ctrl-C) loses at most the input in flight, and the same command again completes what is
+missing (the finished inputs are skipped as existing outputs). A row whose output file another
+input's replaces (x.jpg and x.png share x_overlay.png, with --overwrite) is dropped.
+Volumes with NaN or infinite voxels are refused, naming the file and the count; images that are
+not square are warned about (they are squashed to the square network size, as in training). Slice scores are taken at the network size (image_size) and the
 maps are resized back (area/bilinear), so a map's maximum can differ slightly from its score.
 Warnings (logged and in `VolumeResult.warnings`) flag a voxel spacing more than 1.5x off the
 training spacing, or a foreground fraction more than 2x off the training one (module constants).
@@ -40,6 +46,9 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,12 +78,14 @@ from pathoscope.app.predict.volumes import (
     write_volume_result,
 )
 from pathoscope.checkpoint import CheckpointError
+from pathoscope.files import PARTIAL_PREFIX, move_together
 from pathoscope.folded import inference_net
 from pathoscope.postprocess import tau_value
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV = "predictions.csv"  # one row per processed input, kept across runs
+ROW_FIELDS = ("input", "score", "pathological", "scored_slices")  # the others name output files
 
 
 @dataclass
@@ -201,8 +212,6 @@ def run_predict(
         else:
             planned[name] = entry
             todo.append(entry)
-    if todo:
-        out_dir.mkdir(parents=True, exist_ok=True)
     tau = tau_value(model.tau)
     if tau is None:
         log.warning("the checkpoint has no tau (no validation run): no pred_mask, no decisions")
@@ -210,42 +219,57 @@ def run_predict(
     net = inference_net(model)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    if volumes:
-        bar_off = True if len(todo) < 2 else no_bar(progress)
-        for entry in tqdm(todo, desc="volumes", unit="volume", disable=bar_off):
-            try:
-                result = predict_volume(
-                    model, entry, slices, channel, batch_size, progress=progress, net=net
-                )
-            except DataError as err:
-                fail(entry, err)
-                continue
-            paths = write_volume_result(result, out_dir)
-            warnings.extend(result.warnings)
-            rows.append(
-                {
-                    "input": str(entry),
-                    "score": f"{result.score:.6g}",
-                    "pathological": decision(result.score, tau),
-                    "scored_slices": len(result.slices),
-                    **{k: p.name for k, p in paths.items()},
-                }
-            )
-    else:
-        for entry, result in zip(todo, predict_images(model, todo, batch_size, net), strict=True):
-            if isinstance(result, DataError):
-                fail(entry, result)
-                continue
-            out = image_output(entry, out_dir)
-            Image.fromarray(overlay(result)).save(out)
-            rows.append(
-                {
-                    "input": str(entry),
-                    "score": f"{result.score:.6g}",
-                    "pathological": decision(result.score, tau),
-                    "overlay": out.name,
-                }
-            )
+    # An input's files are written into a hidden staging folder, then moved into out_dir together
+    # with its row of predictions.csv: an interrupted run loses at most the input in flight.
+    staging = out_dir / f"{PARTIAL_PREFIX}{os.getpid()}"
+
+    def commit(entry: Path, score: float, staged: dict[str, Path], **extra: Any) -> None:
+        if not math.isfinite(score):  # never a NaN decision (e.g. a checkpoint that diverged)
+            fail(entry, DataError(f"{entry}: the score is {score} (not a finite number)"))
+            return
+        row = {
+            "input": str(entry),
+            "score": f"{score:.6g}",
+            "pathological": decision(score, tau),
+            **extra,
+            **{k: p.name for k, p in staged.items()},
+        }
+        _write_summary(staging / SUMMARY_CSV, _summary_rows(out_dir / SUMMARY_CSV, row))
+        moves = [(p, out_dir / p.name) for p in staged.values()]
+        move_together([*moves, (staging / SUMMARY_CSV, out_dir / SUMMARY_CSV)])
+        rows.append(row)
+
+    if todo:
+        staging.mkdir(parents=True, exist_ok=True)
+    try:
+        if volumes:
+            bar_off = True if len(todo) < 2 else no_bar(progress)
+            for entry in tqdm(todo, desc="volumes", unit="volume", disable=bar_off):
+                try:
+                    result = predict_volume(
+                        model, entry, slices, channel, batch_size, progress=progress, net=net
+                    )
+                except DataError as err:
+                    fail(entry, err)
+                    continue
+                warnings.extend(result.warnings)
+                staged = write_volume_result(result, staging)
+                commit(entry, result.score, staged, scored_slices=len(result.slices))
+        else:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                for entry, result in zip(
+                    chunk, predict_images(model, chunk, batch_size, net), strict=True
+                ):
+                    if isinstance(result, DataError):
+                        fail(entry, result)
+                        continue
+                    warnings.extend(result.warnings)
+                    out = image_output(entry, staging)
+                    Image.fromarray(overlay(result)).save(out)
+                    commit(entry, result.score, {"overlay": out})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for _, reason in skipped:
         log.warning("skipped %s", reason)
     if not rows:
@@ -253,23 +277,42 @@ def run_predict(
         raise DataError(
             f"{input_path}: no input could be processed ({len(skipped)} skipped){first}"
         )
-    _update_summary(out_dir / SUMMARY_CSV, rows)
     return PredictRun(rows, skipped, warnings)
 
 
-def _update_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write `rows` to predictions.csv, keeping earlier rows of other inputs."""
+def _summary_rows(path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """predictions.csv's rows with `row` added: it replaces the earlier row of its input, and an
+    earlier row of another input naming one of its output files is dropped (that file is now
+    this input's, e.g. x.png's overlay replacing x.jpg's with --overwrite)."""
     old: list[dict[str, Any]] = []
     if path.is_file():
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
-    new_inputs = {r["input"] for r in rows}
-    merged = [r for r in old if r.get("input") not in new_inputs] + rows
-    fields = list(dict.fromkeys(k for r in merged for k in r))
+    outputs = {v for k, v in row.items() if k not in ROW_FIELDS}
+    kept = []
+    for r in old:
+        if r.get("input") == row["input"]:
+            continue
+        taken = outputs & {v for k, v in r.items() if k not in ROW_FIELDS}
+        if taken:
+            log.warning(
+                "%s: row of %s removed: %s now holds the outputs of %s",
+                path,
+                r.get("input"),
+                sorted(taken)[0],
+                row["input"],
+            )
+            continue
+        kept.append(r)
+    return [*kept, row]
+
+
+def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(merged)
+        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------- CLI

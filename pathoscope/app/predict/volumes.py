@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_modules.brats_volumes import (
+    check_finite,
     find_subject_file,
     load_volume,
     normalize_volume,
@@ -124,6 +125,7 @@ def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, Any]:
             data = np.asarray(img.dataobj[..., channel], dtype=np.float32)
         except Exception as exc:
             raise DataError(f"{path}: cannot read the volume data ({exc})") from exc
+        check_finite(path, data)
         return data, img
     return load_volume(path), img  # the training reader: 3D check, read errors
 

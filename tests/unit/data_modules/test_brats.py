@@ -442,6 +442,26 @@ def test_all_zero_volume(
     assert victim not in dm.test_subjects
 
 
+def test_non_finite_voxels(
+    brats_copy: Callable[[], Path], dm0: BraTSDataModule, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One NaN voxel would make the subject's every normalised value NaN: the subject is reported
+    (file and count) and skipped, or stops a strict run."""
+    root = _strict_ready(brats_copy())
+    victim = dm0.train_subjects[0]
+    path = _file(root, victim, "flair")
+    data = _load(path).astype(np.float32)
+    data[10, 10, 70] = np.nan
+    _save(data, path)
+    message = f"{victim}_flair.nii.gz: 1 of {data.size} voxels are not finite"
+    with pytest.raises(DataError, match=message):
+        _dm(root, strict=True)
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(root)
+    assert message in caplog.text
+    assert victim not in dm.train_subjects + dm.test_subjects and len(dm.train_subjects) == 2
+
+
 def test_slice_range_beyond_depth(brats_root: Path) -> None:
     with pytest.raises(DataError, match="needs at least 121 axial slices, the volume has 100"):
         _dm(brats_root, slice_range=(60, 120), strict=True)

@@ -55,6 +55,7 @@ bench: $(STAMP) ## speed and cost benchmarks, side by side in one run; writes be
 
 PEERS_VENV := .venv-peers
 SEEDS ?= 0,1,2
+PEERS_DATA ?= data/anatomy
 
 $(PEERS_VENV)/.installed: constraints-peers.txt
 	$(PYTHON) -m venv $(PEERS_VENV)
@@ -62,9 +63,12 @@ $(PEERS_VENV)/.installed: constraints-peers.txt
 	$(PEERS_VENV)/bin/pip install -c constraints-peers.txt torch torchvision anomalib
 	@touch $@
 
-peers: $(STAMP) $(PEERS_VENV)/.installed ## PathoSCOPE, anchor_knn, GLASS and anomalib PatchCore/PaDiM on one BraTS split (DATA_ROOT=... SHOTS=2 SEEDS=0,1,2)
-	$(BIN)/python benchmarks/peers.py --data-root $(DATA_ROOT) --shots $(SHOTS) --seeds $(SEEDS) \
-		--peers-python $(PEERS_VENV)/bin/python $(ARGS)
+$(PEERS_DATA):
+	$(BIN)/pathoscope make-demo-data --dataset brats --kind anatomy --out $(PEERS_DATA)
+
+peers: $(STAMP) $(PEERS_VENV)/.installed $(if $(DATA_ROOT),,$(PEERS_DATA)) ## PathoSCOPE, anchor_knn, GLASS, anomalib PatchCore/PaDiM on one BraTS split (default: the anatomy benchmark; SHOTS=2 SEEDS=0,1,2)
+	$(BIN)/python benchmarks/peers.py --data-root $(or $(DATA_ROOT),$(PEERS_DATA)/MICCAI_BraTS2020_TrainingData) \
+		--shots $(SHOTS) --seeds $(SEEDS) --peers-python $(PEERS_VENV)/bin/python $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .

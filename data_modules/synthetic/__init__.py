@@ -38,12 +38,16 @@ DEMO_KINDS = ("phantom", "anatomy")
 # `pathoscope make-demo-data` writes): experiments/brats.yaml tests 130 healthy + 290 tumorous
 # slices (40 subjects), chestxray8.yaml 1,490 radiographs (1,000 + 1,000 images, 90 % of the
 # patients in the test list; 128 px keeps the set at about 25 MB).
+# `make-demo-data --kind anatomy` writes its 40 subjects in BraTS's own frame (2 min, 460 MB here):
+# the development benchmark of benchmarks/peers.py and benchmarks/ablation.py.
+ANATOMY_SHAPE = (240, 240, 155)
 PROTOCOL_SIZES: dict[str, dict[str, object]] = {
     "brats": {"n_subjects": 40},
     "chestxray8": {"n_normal": 1000, "n_abnormal": 1000, "size": 128, "test_fraction": 0.9},
 }
 
 __all__ = [
+    "ANATOMY_SHAPE",
     "BRATS_AFFINE",
     "BRATS_DIRNAME",
     "BRATS_MODALITIES",

@@ -213,13 +213,15 @@ def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
-    from data_modules.synthetic import PROTOCOL_SIZES, make_demo_data
+    from data_modules.synthetic import ANATOMY_SHAPE, PROTOCOL_SIZES, make_demo_data
 
     _no_extra(extra, "make-demo-data")
     if args.kind is not None and args.dataset != "brats":
         raise ValueError(f"--kind applies to --dataset brats only, not {args.dataset}")
     # Large enough for `train --dataset <same>` (its default test counts), unlike make train's demo.
     sizes = PROTOCOL_SIZES[args.dataset]
+    if args.kind == "anatomy":  # the development benchmark: BraTS's own 240 x 240 x 155 frame
+        sizes = {**sizes, "shape": ANATOMY_SHAPE}
     root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom", **sizes)
     print(f"wrote a synthetic {args.dataset} set; data root: {root}")
     return 0
@@ -372,7 +374,8 @@ def _front_parser() -> argparse.ArgumentParser:
         "--kind",
         choices=("phantom", "anatomy"),
         default=None,
-        help="brats only: phantom brains (default) or MNI152 anatomy (needs nilearn)",
+        help="brats only: phantom brains (default), or brains from the MNI152 template with "
+        "BraTS-like gliomas in the 240 x 240 x 155 frame (the development benchmark; nilearn)",
     )
     p.set_defaults(handler=_cmd_make_demo_data)
 

@@ -69,9 +69,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "eta and noise in units of the bank's distance_scale",
         ["--model.pieg.units=distance_scale"],
     ),
-    "synthetic_fg": (
-        "PiEG and BCE(D(v_s), 1) on foreground cells only",
-        ["--model.losses.synthetic_in_foreground=true"],
+    "synthetic_all_cells": (
+        "PiEG and BCE(D(v_s), 1) on every cell, background included (the paper)",
+        ["--model.losses.synthetic_in_foreground=false"],
     ),
     "ema": (
         "exponential moving average of the weights, decay 0.99",
@@ -92,6 +92,10 @@ def evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]:
     was_training = module.training
     module.eval()
     model = module.model
+    ema = getattr(module, "_ema", None)  # optim.ema_decay: evaluate the average, as validation does
+    swap = ema is not None and not module._ema_swapped
+    if swap:
+        ema.swap()
     maps: dict[str, list[np.ndarray]] = {}
     scores: dict[str, list[np.ndarray]] = {}
     gts, fgs, labels = [], [], []
@@ -134,6 +138,8 @@ def evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]:
         )
         met = compute_metrics(data, tau=None)
         out[name] = {k: round(float(met[k]), 4) for k in KEYS}
+    if swap:
+        ema.swap()
     module.train(was_training)
     return out
 

@@ -207,18 +207,24 @@ class BankParams:
         _check_choice("bank.backend", self.backend, ("faiss", "torch"))
 
 
+SCORE_SOURCES = ("discriminator", "anchor_distance", "fusion")
+
+
 @dataclass(frozen=True)
 class ScoringParams:
     """From patch scores to the anomaly map, the image score and the threshold tau.
 
     Args:
-        source: "discriminator" (the method) or "anchor_distance" (the PatchCore-style
-            nearest-anchor baseline: the distance in units of distance_scale, no training needed).
+        source: "discriminator" (the method), "anchor_distance" (the PatchCore-style
+            nearest-anchor baseline: the distance in units of distance_scale, no training needed)
+            or "fusion" (ours): D's probability times the anchor distance of the same features, a
+            calibration-free product of the two (it needs the bank's search at inference, so
+            it is not folded and not exported).
         blur_sigma: Gaussian blur of the upsampled map, in pixels (GLASS: 4).
         tau_quantile: quantile of the validation normals' scores used as tau (ours).
     """
 
-    source: Literal["discriminator", "anchor_distance"] = "discriminator"
+    source: Literal["discriminator", "anchor_distance", "fusion"] = "discriminator"
     blur_sigma: float = 4.0
     tau_quantile: float = 0.95
 
@@ -226,7 +232,7 @@ class ScoringParams:
 
     def __post_init__(self) -> None:
         check_ranges("scoring", self)
-        _check_choice("scoring.source", self.source, ("discriminator", "anchor_distance"))
+        _check_choice("scoring.source", self.source, SCORE_SOURCES)
 
 
 @dataclass(frozen=True)

@@ -231,11 +231,15 @@ class PathoScopeModel(nn.Module):
     def patch_scores(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) -> per-position scores (B, 1, h, w) before upsampling."""
         v = self.embed(x)
-        if self.hp.scoring.source == "anchor_distance":
-            b, h, w, c = v.shape
-            dist, _ = self.bank.nearest(v.reshape(-1, c))
-            return (dist / self.bank.distance_scale).reshape(b, 1, h, w)
-        return torch.sigmoid(self.discriminator(v)).unsqueeze(1)
+        source = self.hp.scoring.source
+        if source == "discriminator":
+            return torch.sigmoid(self.discriminator(v)).unsqueeze(1)
+        b, h, w, c = v.shape
+        dist, _ = self.bank.nearest(v.reshape(-1, c))
+        dist = (dist / self.bank.distance_scale).reshape(b, 1, h, w)
+        if source == "anchor_distance":
+            return dist
+        return torch.sigmoid(self.discriminator(v)).unsqueeze(1) * dist  # fusion
 
     def forward(self, x: Tensor, foreground: Tensor | None = None) -> InferenceOutput:
         """x (B, 3, H, W) -> (score (B,), anomaly_map (B, 1, H, W)); score = max inside foreground."""

@@ -433,3 +433,23 @@ def test_training_losses_wiring(brats_root: Path, monkeypatch: pytest.MonkeyPatc
     assert float(torch.linalg.vector_norm(seen["v_s"] - seen["v_n"], dim=-1).min()) > 0
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params)
+
+
+def test_fusion_scores_are_d_times_the_anchor_distance(fitted: tuple) -> None:
+    """scoring.source="fusion": each patch score is sigmoid(D(v)) times v's distance to its nearest
+    anchor in units of distance_scale; the folded detector is not used for it."""
+    import copy
+
+    model = copy.deepcopy(fitted[0].model).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        d = model.patch_scores(x)  # discriminator
+        model.with_scoring(source="anchor_distance")
+        dist = model.patch_scores(x)
+        model.with_scoring(source="fusion")
+        fused = model.patch_scores(x)
+    torch.testing.assert_close(fused, d * dist)
+    assert not torch.allclose(fused, d) and not torch.allclose(fused, dist)
+    from pathoscope.folded import inference_net
+
+    assert inference_net(model) is model

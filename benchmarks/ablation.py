@@ -9,7 +9,7 @@ four ways from the same features and bank, so one training run gives four rows:
   D        sigmoid(D(f(E(x))))                  the method's map (scoring.source discriminator)
   knn_e    nearest-anchor distance of E(x)      = anchor_knn (no training)
   knn_v    nearest-anchor distance of f(E(x))   the adapter's effect on the bank distance
-  D*knn_v  their product                        a calibration-free fusion
+  prod     D x knn_v, their product             scoring.source fusion (ours)
 Metrics are the project's (callbacks.metrics.compute_metrics) on maps resized to at most 128 px,
 exact at 128 px and 4x cheaper at 256 px. Runs are resumable: a finished (variant, seed) is kept in
 <out>/<variant>/k<K>/seed<i>.json; the table (mean +- std over seeds, at the last step, and the
@@ -231,7 +231,7 @@ def table(results: dict[str, list[dict[str, Any]]], shots: int) -> str:
             continue
         finals = [r["points"][-1] for r in runs]
         steps = finals[0]["step"]
-        scorings = list(SCORINGS) if variant == "default" else ["D"]
+        scorings = list(SCORINGS) if variant == "default" else ["D", "prod"]
         for name in scorings:
             cells = [_cell([f[name][k] for f in finals]) for k in KEYS]
             lines.append(
@@ -239,13 +239,17 @@ def table(results: dict[str, list[dict[str, Any]]], shots: int) -> str:
             )
     default = results.get("default") or []
     if default:
-        lines += ["", "Quality against training steps (default variant, D):", ""]
-        lines += ["| step | seeds | " + " | ".join(TITLES) + " |", "|---" * (len(TITLES) + 2) + "|"]
+        lines += ["", "Quality against training steps (default variant):", ""]
+        lines += [
+            "| step | scoring | seeds | " + " | ".join(TITLES) + " |",
+            "|---" * (len(TITLES) + 3) + "|",
+        ]
         steps = sorted({p["step"] for r in default for p in r["points"]})
         for step in steps:
             at = [p for r in default for p in r["points"] if p["step"] == step]
-            cells = [_cell([p["D"][k] for p in at]) for k in KEYS]
-            lines.append(f"| {step} | {len(at)} | " + " | ".join(cells) + " |")
+            for name in ("D", "prod"):
+                cells = [_cell([p[name][k] for p in at]) for k in KEYS]
+                lines.append(f"| {step} | {name} | {len(at)} | " + " | ".join(cells) + " |")
     lines += ["", "Variants:", ""]
     lines += [f"- `{v}`: {VARIANTS[v][0]} {' '.join(VARIANTS[v][1])}" for v in results]
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def export_onnx(model: PathoScopeModel, out: str | Path, opset: int | None = Non
         raise CheckpointError(
             f"scoring.source={model.hp.scoring.source!r} needs the anchor bank's nearest "
             "neighbour search, which is not exported: only discriminator checkpoints can be "
-            "exported"
+            "exported (fit with --model.scoring.source discriminator: the same training, scored "
+            "and thresholded by D alone)"
         )
     out = Path(out)
     model = model.cpu().eval()

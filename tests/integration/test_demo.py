@@ -4,7 +4,8 @@ size, PiEG, random backbone) on the demo's own data (the BraTS layout built from
 separates pathological from normal slices better than the untrained nearest-anchor baseline
 (anchor_knn) on the same data, and its anomaly map points at the lesions better than the
 baseline's map does (an image score that beats the baseline while the map is inverted would be a
-shortcut, not the method working). Fewer test slices than the demo's, to keep the test short.
+shortcut, not the method working): on every metric the README's demo table shows. Fewer test
+slices than the demo's, to keep the test short.
 """
 
 from __future__ import annotations
@@ -36,5 +37,6 @@ def test_demo_beats_anchor_knn(anatomy_root: Path, tmp_path: Path) -> None:
     )
     assert ours["weights"] == knn["weights"] == "random"
     numbers = {k: (ours[k], knn[k]) for k in ("image_auroc", "pixel_auroc", "pro", "dice_best")}
-    assert ours["image_auroc"] > knn["image_auroc"], numbers
-    assert ours["pixel_auroc"] > max(0.5, knn["pixel_auroc"]), numbers
+    assert ours["pixel_auroc"] > 0.5, numbers  # not an inverted map
+    for key, (mine, baseline) in numbers.items():
+        assert mine > baseline, (key, numbers)

@@ -251,7 +251,7 @@ def table(results: dict[str, list[dict[str, Any]]], shots: int) -> str:
                 cells = [_cell([p[name][k] for p in at]) for k in KEYS]
                 lines.append(f"| {step} | {name} | {len(at)} | " + " | ".join(cells) + " |")
     lines += ["", "Variants:", ""]
-    lines += [f"- `{v}`: {VARIANTS[v][0]} {' '.join(VARIANTS[v][1])}" for v in results]
+    lines += [" ".join([f"- `{v}`: {VARIANTS[v][0]}", *VARIANTS[v][1]]) for v in results]
     return "\n".join(lines)
 
 

@@ -66,9 +66,12 @@ $(PEERS_VENV)/.installed: constraints-peers.txt
 $(PEERS_DATA):
 	$(BIN)/pathoscope make-demo-data --dataset brats --kind anatomy --out $(PEERS_DATA)
 
-peers: $(STAMP) $(PEERS_VENV)/.installed $(if $(DATA_ROOT),,$(PEERS_DATA)) ## PathoSCOPE, anchor_knn, GLASS, anomalib PatchCore/PaDiM on one BraTS split (default: the anatomy benchmark; SHOTS=2 SEEDS=0,1,2)
+PEERS_CONFIGS ?= pathoscope,anchor_knn,glass_hypersphere,glass_manifold
+
+peers: $(STAMP) $(PEERS_VENV)/.installed $(if $(DATA_ROOT),,$(PEERS_DATA)) ## PathoSCOPE, anchor_knn, GLASS, anomalib PatchCore/PaDiM on one BraTS split (default: the anatomy benchmark, random backbone unless WEIGHTS=; SHOTS=2 SEEDS=0,1,2 PEERS_CONFIGS=...)
 	$(BIN)/python benchmarks/peers.py --data-root $(or $(DATA_ROOT),$(PEERS_DATA)/MICCAI_BraTS2020_TrainingData) \
-		--shots $(SHOTS) --seeds $(SEEDS) --peers-python $(PEERS_VENV)/bin/python $(ARGS)
+		--shots $(SHOTS) --seeds $(SEEDS) --configs $(PEERS_CONFIGS) --peers-python $(PEERS_VENV)/bin/python \
+		$(if $(WEIGHTS),--model.network.weights=$(WEIGHTS),--model.network.pretrained=false) $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .

@@ -227,12 +227,22 @@ def test_logged_total_loss_is_the_sum_of_the_enabled_terms(fitted: Fitted) -> No
         assert row["train/loss"] == pytest.approx(total, rel=1e-5, abs=1e-6)
 
 
-def test_score_source_decides_what_test_searches(fitted: Fitted) -> None:
-    # anchor_knn scores every test batch by a nearest-anchor search; the method never searches.
+def _expected_source(fitted: Fitted) -> str:
     if fitted.config == "anchor_knn":
-        assert fitted.test_counts["bank.nearest"] == math.ceil(9 / 4)  # 9 test items, batch 4
-    else:
+        return "anchor_distance"
+    if fitted.config.startswith("glass_") or fitted.dataset == "chestxray8":
+        return "discriminator"  # GLASS scores with D; ChestX-ray8 keeps the paper's score
+    return "fusion"  # brats.yaml (and the demo and the ablations on it): D x anchor distance
+
+
+def test_score_source_decides_what_test_searches(fitted: Fitted) -> None:
+    # The anchor distance and the fused score search the bank once per test batch; D alone never.
+    source = fitted.checkpoint["hyper_parameters"]["scoring"]["source"]
+    assert source == _expected_source(fitted)
+    if source == "discriminator":
         assert fitted.test_counts["bank.nearest"] == 0
+    else:
+        assert fitted.test_counts["bank.nearest"] == math.ceil(9 / 4)  # 9 test items, batch 4
 
 
 def test_hypersphere_projection_bounds_the_shift(fitted: Fitted) -> None:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from callbacks.metrics import EvalData, compute_metrics
 from pathoscope.app.configs import config_files
 from pathoscope.app.lightning_cli import lightning_cli
-from pathoscope.app.reporting import _mean_std
+from pathoscope.app.reporting import mean_std_cell
+from pathoscope.files import write_text
 from pathoscope.postprocess import image_score
 
 EVAL_SIZE = 128
@@ -205,17 +206,11 @@ def run_single(args: argparse.Namespace, variant: str, seed: int, overrides: lis
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"variant": variant, "seed": seed, "shots": args.shots, "overrides": overrides}
     result.update(points=curve.points, train=curve.logs)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out)
-    return out
+    return write_text(out, json.dumps(result))
 
 
 def _cell(values: list[float]) -> str:
-    mean, std = _mean_std(values)
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return mean_std_cell(values, scale=100, digits=1)
 
 
 def table(results: dict[str, list[dict[str, Any]]], shots: int) -> str:
@@ -313,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants
     }
     text = table(results, args.shots)
-    (args.out / f"ablation-k{args.shots}.md").write_text(text + "\n")
+    write_text(args.out / f"ablation-k{args.shots}.md", text + "\n")
     print(text)
     return 0
 

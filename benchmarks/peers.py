@@ -34,7 +34,8 @@ from data_modules.transforms import normalize
 from pathoscope.app.configs import config_files
 from pathoscope.app.data import build_datamodule
 from pathoscope.app.experiments import run_one
-from pathoscope.app.reporting import _mean_std
+from pathoscope.app.reporting import mean_std_cell
+from pathoscope.files import write_text
 
 PROJECT_CONFIGS = ("pathoscope", "anchor_knn", "glass_hypersphere", "glass_manifold")
 PEERS = ("patchcore", "padim")
@@ -140,22 +141,15 @@ def _peer_runs(
         )
         metrics[peer] = {**compute_metrics(data, tau=None), "eval_size": list(maps.shape[1:])}
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps(metrics[peer], indent=2))
+        write_text(folder / "metrics.json", json.dumps(metrics[peer], indent=2))
     return metrics
-
-
-def _fmt(values: list[Any]) -> str:
-    mean, std = _mean_std(values)
-    if mean is None:
-        return "-"
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
 def table(per_method: dict[str, list[dict[str, Any]]], shots: int, seeds: list[int]) -> str:
     head = f"| K = {shots}, seeds {','.join(map(str, seeds))} | " + " | ".join(TABLE.values())
     lines = [head + " |", "|---" * (len(TABLE) + 1) + "|"]
     for method, runs in per_method.items():
-        cells = [_fmt([m.get(k) for m in runs]) for k in TABLE]
+        cells = [mean_std_cell([m.get(k) for m in runs]) for k in TABLE]
         lines.append(f"| {ROW_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_method[peer].append(metrics)
     text = table(per_method, args.shots, seeds)
     stem = args.runs / f"peers-k{args.shots}"
-    stem.with_suffix(".md").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(per_method, indent=2))
+    write_text(stem.with_suffix(".md"), text + "\n")
+    write_text(stem.with_suffix(".json"), json.dumps(per_method, indent=2))
     print(text)
     return 0
 

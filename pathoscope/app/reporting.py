@@ -54,6 +54,15 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return mean, math.sqrt(var)
 
 
+def mean_std_cell(values: Sequence[float | None], scale: float = 1.0, digits: int = 3) -> str:
+    """A table cell "mean ± std" of the defined values (times `scale`); "mean" for one, "-" for none."""
+    mean, std = _mean_std(values)
+    if mean is None:
+        return "-"
+    cell = f"{scale * mean:.{digits}f}"
+    return cell if std is None else f"{cell} ± {scale * std:.{digits}f}"
+
+
 def summarize(
     dataset: str, config: str, shots: int, per_seed: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class BraTSDataModule(FewShotDataModule):
         lesion_min_fraction: float = 0.5,
         intensity_lesions: float = 0.0,
         intensity_norm: str = "percentile",
+        train_pool: int = 0,
     ) -> None:
         super().__init__(
             shots,
@@ -131,6 +132,7 @@ class BraTSDataModule(FewShotDataModule):
             textures,
             lesion_min_fraction,
             intensity_lesions,
+            train_pool,
         )
         self.save_hyperparameters()
         self.root = Path(root).expanduser()

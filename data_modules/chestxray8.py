@@ -142,6 +142,7 @@ class ChestXray8DataModule(FewShotDataModule):
         textures: str | None = None,
         lesion_min_fraction: float = 0.5,
         intensity_lesions: float = 0.0,
+        train_pool: int = 0,
     ) -> None:
         super().__init__(
             shots,
@@ -154,6 +155,7 @@ class ChestXray8DataModule(FewShotDataModule):
             textures,
             lesion_min_fraction,
             intensity_lesions,
+            train_pool,
         )
         self.save_hyperparameters()
         check_ranges(

@@ -194,7 +194,9 @@ class TrainDataset(Dataset):
     """Augmented copies of the K training samples with a synthetic lesion each.
 
     Global index g -> sample g % K; augmentation and lesion synthesis are seeded from
-    `np.random.default_rng([seed, g])` only.
+    `np.random.default_rng([seed, g])` only. With `pool` > 0, g is first taken modulo `pool`: the
+    stream cycles over `pool` distinct items, each marked with its `draw` (= that g), so that the
+    model can keep their frozen backbone features (`data.train_pool`).
     """
 
     def __init__(
@@ -204,17 +206,21 @@ class TrainDataset(Dataset):
         seed: int,
         augmentation: TrainAugmentation,
         synthesizer: LesionSynthesizer,
+        pool: int = 0,
     ) -> None:
         self.samples = list(samples)
         self.length = length
         self.seed = seed
         self.augmentation = augmentation
         self.synthesizer = synthesizer
+        self.pool = pool
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, g: int) -> dict[str, object]:
+        if self.pool:  # the stream repeats its first `pool` items: g and g + pool are the same
+            g = g % self.pool
         k = g % len(self.samples)
         sample = self.samples[k]
         rng = np.random.default_rng([self.seed, g])
@@ -223,13 +229,16 @@ class TrainDataset(Dataset):
         )
         foreground = masks["foreground"].astype(bool)  # (S, S)
         lesion_image, lesion_mask = self.synthesizer(image, foreground, rng)
-        return {
+        item: dict[str, object] = {
             "image": normalize(image),  # (3, S, S) x_n
             "lesion_image": normalize(lesion_image),  # (3, S, S) x_p
             "lesion_mask": torch.from_numpy(lesion_mask[None].astype(np.float32)),  # (1, S, S)
             "foreground": torch.from_numpy(np.ascontiguousarray(foreground[None])),
             "index": k,
         }
+        if self.pool:
+            item["draw"] = g
+        return item
 
 
 class FewShotDataModule(L.LightningDataModule):
@@ -249,10 +258,12 @@ class FewShotDataModule(L.LightningDataModule):
         textures: str | None,
         lesion_min_fraction: float,
         intensity_lesions: float = 0.0,
+        train_pool: int = 0,
     ) -> None:
         super().__init__()
         check_ranges(
             {
+                "train_pool": (train_pool, "[0, inf)"),
                 "shots": (shots, "[1, inf)"),
                 "seed": (seed, "[0, inf)"),  # numpy's default_rng([seed, g]): no negative seeds
                 "test_seed": (test_seed, "[0, inf)"),
@@ -269,6 +280,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.steps_per_epoch = int(steps_per_epoch)
         self.num_workers = int(num_workers)
+        self.train_pool = int(train_pool)
         self.augmentation = TrainAugmentation(self.image_size)
         self.synthesizer = LesionSynthesizer(
             textures=textures,
@@ -372,6 +384,7 @@ class FewShotDataModule(L.LightningDataModule):
             self.seed,
             self.augmentation,
             self.synthesizer,
+            self.train_pool,
         )
 
     def val_dataset(self) -> EvalDataset:

@@ -101,6 +101,10 @@ class PiEGParams:
             ||v_s - v_n|| per position, or with `projection` GLASS's bounded forms.
         projection: "none", "hypersphere" (||v_s - v_n|| in [r, 2r]) or "manifold" (the distance
             of v_s to its nearest anchor in [r, 2r]); see `pathoscope.pieg.project`.
+        max_cells: at most this many cells of the batch are perturbed per step, drawn at random
+            from those PiEG would perturb (ours; 0 = all of them, the paper). BCE(D(v_s), 1) and
+            Eq. 4 are means over cells, so a random subset estimates them without bias at a
+            fraction of PiEG's discriminator passes and searches.
     """
 
     enabled: bool = True
@@ -113,6 +117,7 @@ class PiEGParams:
     units: Literal["absolute", "distance_scale"] = "absolute"
     min_distance: float = 0.0
     projection: Literal["none", "hypersphere", "manifold"] = "none"
+    max_cells: int = 0
 
     RANGES: ClassVar[dict[str, str]] = {
         "eta": "[0, inf)",
@@ -120,6 +125,7 @@ class PiEGParams:
         "noise_std": "[0, inf)",
         "noise_mean": "(-inf, inf)",
         "min_distance": "[0, inf)",
+        "max_cells": "[0, inf)",
     }
 
     def __post_init__(self) -> None:
@@ -147,6 +153,11 @@ class LossParams:
             is taken there (ours; the paper perturbs every cell). Background cells of an MRI slice
             are all alike and never anomalous; perturbing them teaches D nothing about anatomy
             and costs half of PiEG's discriminator passes.
+        max_cells: at most this many cells of each of v_n and v_p enter D's step (the focal loss,
+            BCE(D(v_n), 0) and the BatchNorm statistics PiEG freezes), drawn at random per step
+            (ours; 0 = every cell, the paper). Both losses are means over cells, which a random
+            subset estimates without bias; a speed switch (D's first layer on every cell of the
+            batch was 40 % of a step).
     """
 
     use_local_contrast: bool = True
@@ -158,8 +169,10 @@ class LossParams:
     lesion_min_fraction: float = 0.5
     global_in_foreground: bool = True
     synthetic_in_foreground: bool = False
+    max_cells: int = 0
 
     RANGES: ClassVar[dict[str, str]] = {
+        "max_cells": "[0, inf)",
         "lambda_pull": "(0, inf)",
         "lambda_push": "(0, inf)",
         "eps": "[0, inf)",
@@ -208,6 +221,7 @@ class BankParams:
 
 
 SCORE_SOURCES = ("discriminator", "anchor_distance", "fusion")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -246,6 +260,9 @@ class OptimParams:
         weight_decay_discriminator: its weight decay (AdamW's default 0.01).
         ema_decay: validate, test and save an exponential moving average of the adapter's and
             D's weights with this decay per step (ours; 0 = off, the last weights).
+        schedule: the learning rates over the fit: "constant" (GLASS) or "cosine" (ours): both
+            rates fall from their value to 0 along half a cosine over trainer.max_steps, so the
+            last weights settle instead of stopping mid-stride.
     """
 
     lr_adapter: float = 1e-4
@@ -253,6 +270,7 @@ class OptimParams:
     lr_discriminator: float = 2e-4
     weight_decay_discriminator: float = 0.01
     ema_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
 
     RANGES: ClassVar[dict[str, str]] = {
         "lr_adapter": "(0, inf)",
@@ -264,6 +282,7 @@ class OptimParams:
 
     def __post_init__(self) -> None:
         check_ranges("optim", self)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ checkpoint's version and metadata (pathoscope/checkpoint.py).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,12 @@ from pathoscope.hparams import (
 )
 from pathoscope.joint_optimizer import JointOptimizer
 from pathoscope.torch_model import InferenceOutput, PathoScopeModel
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """The learning-rate factor of optim.schedule "cosine" after `step` of `total` steps: 1 at the
+    start, 0 at the end (half a cosine), 0 beyond."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 class PathoScope(L.LightningModule):
@@ -143,6 +150,7 @@ class PathoScope(L.LightningModule):
     # -- fit ----------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._start_ema()
+        self.model.clear_feature_pool()  # data.train_pool: features of this fit's data only
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "preprocessing"):
             self.model.preprocessing = dict(dm.preprocessing())
@@ -177,6 +185,7 @@ class PathoScope(L.LightningModule):
 
     def on_train_end(self) -> None:
         """After training the model keeps the averaged weights (test, checkpoints, predict)."""
+        self.model.clear_feature_pool()
         if self._ema is not None and not self._ema_swapped:
             self._ema.swap()
         self._ema, self._ema_swapped = None, False
@@ -192,8 +201,8 @@ class PathoScope(L.LightningModule):
                 category=UserWarning,
             )
 
-    def configure_optimizers(self) -> JointOptimizer:
-        return JointOptimizer(
+    def configure_optimizers(self) -> Any:
+        optimizer = JointOptimizer(
             [
                 torch.optim.Adam(
                     self.model.adapter.parameters(),
@@ -207,6 +216,27 @@ class PathoScope(L.LightningModule):
                 ),
             ]
         )
+        if self.optim.schedule == "constant":
+            return optimizer
+        total = self._scheduled_steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_factor(step, total)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _scheduled_steps(self) -> int:
+        """The fit's length in optimiser steps, over which optim.schedule runs."""
+        trainer = self.trainer
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                f"optim.schedule={self.optim.schedule!r} needs a finite fit: set trainer.max_steps "
+                "(or trainer.max_epochs)"
+            )
+        return int(total)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model.training_losses(batch, step=self.global_step)

@@ -401,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_HELP, end="")
         return 0 if argv else EXIT_USAGE
     verb = argv[0]
+    from pathoscope.app.cpu import keep_freed_memory
+
+    keep_freed_memory()  # speed only (pathoscope.app.cpu)
     if "WANDB_SWEEP_ID" not in os.environ:  # W&B never blocks: offline unless asked (or an agent)
         os.environ.setdefault("WANDB_MODE", "offline")
     try:

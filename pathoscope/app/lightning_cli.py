@@ -19,6 +19,7 @@ from callbacks.metrics import AnomalyMetrics
 from callbacks.panels import AnomalyPanels
 from data_modules.common import FewShotDataModule, TrainSampler
 from pathoscope.app.configs import defaults_file, read_yaml
+from pathoscope.app.cpu import skip_nan_fill
 from pathoscope.checkpoint import CheckpointError, read_checkpoint
 from pathoscope.files import write_text
 from pathoscope.lightning_model import PathoScope
@@ -101,7 +102,8 @@ class PathoScopeCLI(LightningCLI):
       false alarms, misses and a random sample into `panels/` beside metrics.json (or under
       `--panels.output_dir`), and to W&B with a WandbLogger; `--panels.enabled false` turns it off.
     * `--checkpoint.*`: a ModelCheckpoint, always present, keeping `last.ckpt` only (no
-      selection on any score), rewritten at every epoch end. Resuming after an interruption:
+      selection on any score), rewritten after every validation (every epoch end by default,
+      every 100 steps for BraTS). Resuming after an interruption:
       the same command with `--checkpoint.dirpath DIR --ckpt_path last`.
     * After `fit`, validation runs once more if the last one was before the final step (e.g.
       max_steps not a multiple of steps_per_epoch, or max_steps 0 for anchor_knn), so that tau
@@ -179,6 +181,7 @@ class PathoScopeCLI(LightningCLI):
             if getattr(self, "_checkpoint_backbone", False):
                 warnings.filterwarnings("ignore", message="Backbone: pretrained=False")
             super().instantiate_classes()
+        skip_nan_fill()  # after the Trainer set trainer.deterministic (pathoscope.app.cpu)
 
     def _load_before_writing(self, stage: str) -> None:
         """What bad input can break, before the trainer writes anything (config.yaml, logs,

@@ -403,12 +403,23 @@ def test_training_losses_wiring(brats_root: Path, monkeypatch: pytest.MonkeyPatc
         stats_of_calls.append(bn_stats)
         return real_forward(v, bn_stats=bn_stats)
 
+    real_head = d.head
+    head_rows: list = []
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        head_rows.append(h.shape[0])
+        return real_head(h)
+
     monkeypatch.setattr(d, "forward", forward)
+    monkeypatch.setattr(d, "head", head)
     tracked = int(d.bn.num_batches_tracked)
     out = model.training_losses(batch, step=1)
 
-    # D: three PiEG passes with the real features' statistics, then the step's own pass.
-    assert [s is None for s in stats_of_calls] == [False, False, False, True]
+    # D: three PiEG passes with the real features' statistics, then the step's own pass on the
+    # rows of v_n, v_p and v_s (one BatchNorm batch).
+    assert [s is None for s in stats_of_calls] == [False, False, False]
+    cells = batch["image"].shape[0] * 8 * 8  # 64 px images: an 8 x 8 grid
+    assert head_rows == [2 * cells + seen["v_s"].numel() // seen["v_s"].shape[-1]]
     with torch.no_grad():
         v_real = model.embed(torch.cat([batch["image"], batch["lesion_image"]]))
         expected = d.batch_stats(v_real)

@@ -8,6 +8,7 @@ import json
 import math
 import mmap
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,22 @@ def test_main_writes_bench_json(
     assert data["command"].startswith("pathoscope bench --quick")
     printed = capsys.readouterr().out
     assert "1a" in printed and ("PASS" in printed or "FAIL" in printed)
+
+
+@pytest.mark.slow
+def test_seed_section_times_both_seeds_and_the_training_steps(brats_root: Path) -> None:
+    """Section 6 at tiny sizes: each round runs a real seed of brats.yaml and one of anchor_knn
+    (metrics.json of both), 6a is their paired ratio, 6b times exactly the steps asked for."""
+    sizes = replace(TINY, seed_rounds=2, seed_steps=3, seed_overrides=common.QUICK.seed_overrides)
+    result = run.run(sizes, ("seed",), str(brats_root))
+    rows = {r["key"]: r for r in result["rows"]}
+    assert [r["key"] for r in result["rows"]] == ["6a", "6.", "6b"]
+    raw = result["raw"]["seed"]
+    assert {k: len(v) for k, v in raw["seconds"].items()} == {"anchor_knn": 2, "pathoscope": 2}
+    full, knn = raw["seconds"]["pathoscope"], raw["seconds"]["anchor_knn"]
+    expected = [a / b for a, b in zip(full, knn, strict=True)]
+    assert raw["ratios"] == pytest.approx(expected)
+    assert rows["6a"]["value"] == pytest.approx(sorted(expected)[0] / 2 + sorted(expected)[1] / 2)
+    assert rows["6a"]["target"] == "<= 8" and rows["6a"]["passed"] == (rows["6a"]["value"] <= 8)
+    assert all(0.0 <= a <= 1.0 for ms in raw["image_auroc"].values() for a in ms)
+    assert raw["training_steps"] == 3 and 0.0 < rows["6b"]["value"] == raw["training_steps_seconds"]

@@ -51,6 +51,9 @@ class Sizes:
     brats_subjects: int = 32
     brats_shape: tuple[int, int, int] = (48, 48, 92)  # (H, W, D); slices are resized to image_size
     weights: str | None = None  # a local ResNet18 state dict; None = random init (no network)
+    seed_rounds: int = 1  # section 6: rounds of (anchor_knn seed, brats.yaml seed)
+    seed_steps: int = 100  # section 6: training steps timed alone (row 6b)
+    seed_overrides: tuple[str, ...] = ()  # section 6: CLI overrides of the shipped brats.yaml
 
 
 # Tiny sizes for a smoke test of the machinery (`--quick`); its figures mean nothing.
@@ -70,6 +73,17 @@ QUICK = Sizes(
     test_tumorous=4,
     brats_subjects=20,
     brats_shape=(64, 64, 100),
+    seed_steps=2,
+    seed_overrides=(
+        "--data.image_size=64",
+        "--metrics.eval_size=64",
+        "--data.batch_size=2",
+        "--data.n_test_healthy=4",
+        "--data.n_test_tumorous=4",
+        "--trainer.max_steps=2",
+        "--model.pieg.steps=2",
+        "--model.network.hidden_dim=64",
+    ),
 )
 
 

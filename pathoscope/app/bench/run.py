@@ -13,6 +13,8 @@ Sections, one module each, printed with their targets and PASS/FAIL, all written
   4 coreset    greedy coreset of N backbone features down to the bank size: time and memory.
   5 rss        peak RSS of a few training steps (Trainer.fit) and of testing with the metrics
                callback, each in its own process.
+  6 seed       one default K = 2 BraTS seed (fit + test of experiments/brats.yaml) against one
+               anchor_knn seed, interleaved, same threads; 100 default training steps alone.
 
 Timing protocol: see common.py. The backbone is random (pretrained=False, no network): FLOPs
 and speed do not depend on the weights.
@@ -37,11 +39,12 @@ from pathoscope.app.bench.common import QUICK, Row, Sizes, brats_root, make_data
 from pathoscope.app.bench.coreset import bench_coreset
 from pathoscope.app.bench.flops import bench_flops
 from pathoscope.app.bench.rss import bench_rss, child_main
+from pathoscope.app.bench.seed import bench_seed
 from pathoscope.app.bench.throughput import bench_inference
 from pathoscope.app.bench.training import bench_training
 from pathoscope.folded import FoldedDetector
 
-SECTIONS = ("flops", "infer", "train", "coreset", "rss")
+SECTIONS = ("flops", "infer", "train", "coreset", "rss", "seed")
 BENCH_VERSION = 1
 
 
@@ -157,6 +160,10 @@ def run(
         progress("5 peak RSS (two child processes)")
         r, raw["rss"] = bench_rss(root, sizes)
         rows += r
+    if "seed" in sections:
+        progress("6 a seed of brats.yaml against a seed of anchor_knn; 100 training steps")
+        r, raw["seed"] = bench_seed(root, sizes)
+        rows += r
     progress("done")
     rows.sort(key=lambda row: row.key[0])  # sections in number order, measurement order within
     with contextlib.suppress(OSError):
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes_json:
         values = json.loads(args.sizes_json)
         values["brats_shape"] = tuple(values["brats_shape"])
+        values["seed_overrides"] = tuple(values["seed_overrides"])
         sizes = Sizes(**values)
     if args.weights is not None:
         sizes = dataclasses.replace(sizes, weights=args.weights)

@@ -294,6 +294,10 @@ def _as_config(overrides: Sequence[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- resume
 def _fit(root: Path, folder: Path, max_steps: int, resume: bool = False) -> None:
     args = ["fit", *dataset_configs("brats"), *tiny_overrides("brats", root, max_steps)]
+    # Validation (and so last.ckpt) at every epoch end, as an interrupted run leaves it: a
+    # checkpoint written after fit ended (finish_fit) carries Lightning's post-fit loop state,
+    # from which a resumed fit skips the rest of the epoch it stopped in.
+    args += ["--trainer.val_check_interval=2"]
     args += [f"--trainer.default_root_dir={folder}", f"--checkpoint.dirpath={folder / 'ckpt'}"]
     if resume:
         args.append("--ckpt_path=last")

@@ -314,4 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pathoscope.app.cpu import keep_freed_memory
+
+    keep_freed_memory()  # as the `pathoscope` command does (speed only)
     sys.exit(main())

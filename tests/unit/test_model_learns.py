@@ -1,11 +1,15 @@
 """The learning check: on a toy whose anomalies differ by structure, not mean intensity, the
-trained discriminator's map finds them (pixel AUROC > 0.9) and beats the untrained one by >= 0.2.
+trained discriminator's map finds them (pixel AUROC > 0.85) and beats the untrained one by >= 0.2.
 
 The toy (`data_modules.synthetic.toy_texture_images`, kind "stripes"): horizontal grey stripes;
 anomalies are patches of the same stripes turned by 90 degrees, so brightness gives nothing away.
 Training sees only normal images and the project's own synthetic lesions (no toy anomaly), with the
-random backbone (no weights offline), 60 steps at 64 px, without a Trainer. Seeds 1-3 give 0.91-0.96
-(scripts/toy_learning.py prints them); with `pieg.direction="ascent"` D stays below chance here.
+random backbone (no weights offline), 60 steps at 64 px, without a Trainer. With this test's
+body, seeds 0-5 of the model and training data give 0.958 / 0.927 / 0.965 / 0.915 / 0.882 / 0.913
+(the test runs seed 0): the threshold leaves 0.03 below the worst of them. With
+`pieg.direction="ascent"` D stays below chance here. This test says D learns; it is not the one
+that catches a miswired loss (an inverted focal target still gives 0.78-0.89 on the same seeds):
+tests/unit/test_loss_wiring.py pins the terms to the equations.
 """
 
 from __future__ import annotations
@@ -59,5 +63,5 @@ def test_trained_discriminator_finds_structural_anomalies() -> None:
         loss.backward()
         optimizer.step()
     trained = map_auroc()
-    assert trained > 0.9, (untrained, trained)
+    assert trained > 0.85, (untrained, trained)
     assert trained >= untrained + 0.2, (untrained, trained)

@@ -560,7 +560,15 @@ def test_sigint_to_a_folder_predict_then_the_same_command(
     args = _cli(ckpt, tmp_path / "in", out, "--slices", "all", "--batch-size", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "pathoscope.app.cli", "predict", *args, "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The child gets SIGINT's default action, so that Python installs its Ctrl-C handler even when
+    # this suite runs as a shell's background job (`make test &`), which starts with SIGINT ignored.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not list(out.glob("*_anomaly_map.nii.gz")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no output appeared"

@@ -48,8 +48,14 @@ def test_move_together_holds_ctrl_c_until_every_file_is_moved(
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle
 
     monkeypatch.setattr(files.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        move_together(moves)
+    # Python's Ctrl-C handler, as in a terminal: a shell's background job (`make test &`) starts
+    # with SIGINT ignored, and then the signal would never arrive.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            move_together(moves)
+    finally:
+        after = signal.signal(signal.SIGINT, previous)
     assert done == [dst for _, dst in moves]
     assert all(dst.read_text() == dst.name for _, dst in moves)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert after is signal.default_int_handler  # restored by move_together

@@ -59,8 +59,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign files
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
+        # Our own words: torch's message for a file it cannot read as tensors and plain data
+        # advises loading it with weights_only=False, an arbitrary-code-execution risk and never
+        # the cure for a file that is not a checkpoint.
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (expected a .ckpt written by `pathoscope fit` or "
+            f"`train`, read as tensors and plain data only; this file is truncated, of another "
+            f"format, or holds other objects: {type(exc).__name__})"
+        ) from exc
     check_version(checkpoint, str(path))
     return checkpoint
 

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,22 @@ def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(CheckpointError, match="x.ckpt: not a usable PathoSCOPE checkpoint"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("content", ["random", "pickled object"])
+def test_unreadable_file_is_refused_in_our_words(tmp_path: Path, content: str) -> None:
+    """A random file renamed .ckpt, or a pickle holding a non-tensor object: one message naming
+    the file and what was expected, never torch's advice to load it with weights_only=False."""
+    bad = tmp_path / "x.ckpt"
+    if content == "random":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        torch.save({"state_dict": {}, "obj": Path("somewhere")}, bad)
+    with pytest.raises(CheckpointError) as info:
+        load_model(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: not a readable checkpoint (expected a .ckpt")
+    assert "weights_only" not in message and "arbitrary code" not in message
 
 
 def test_folded_inference_equals_model(fitted: tuple) -> None:

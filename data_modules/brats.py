@@ -94,6 +94,9 @@ class _Selection:
     val: dict[str, list[int]]  # training subject -> other healthy slices
 
 
+BRATS_LABELS = (0, 1, 2, 4)  # background, necrotic / non-enhancing core, oedema, enhancing
+
+
 class BraTSDataModule(FewShotDataModule):
     """BraTS2020 few-shot split (module docstring); items as in docs/batch_contract.md."""
 
@@ -430,9 +433,27 @@ class BraTSDataModule(FewShotDataModule):
             raise DataError(
                 f"{rel_name(subject.seg)}: shape {seg.shape} does not match {volumes[0].shape}"
             )
+        self._check_labels(subject.seg, seg[:, :, lo : hi + 1])
         arrays = preprocess_slices(volumes, list(range(lo, hi + 1)), self.image_size, seg)
         self._cache_write(key, **arrays)
         return arrays
+
+    def _check_labels(self, path: Path, seg: np.ndarray) -> None:
+        """Labels of the used slices outside BraTS's {0, 1, 2, 4}: a warning (every label > 0
+        still counts as tumour), or a DataError under `strict`."""
+        values = np.unique(seg)
+        odd = [v.item() for v in values if v not in BRATS_LABELS]
+        if not odd:
+            return
+        shown = ", ".join(f"{v:g}" for v in odd[:8]) + (", ..." if len(odd) > 8 else "")
+        lo, hi = self.slice_range
+        message = (
+            f"{rel_name(path)}: labels {shown} in slices {lo}..{hi} are not BraTS labels "
+            f"(0, 1, 2, 4); every label > 0 is taken as tumour"
+        )
+        if self.strict:
+            raise DataError(message)
+        log.warning(message)
 
     # ------------------------------------------------------------------------- cache
     def _cache_key(self, kind: str, files: list[Path], **params: object) -> str | None:

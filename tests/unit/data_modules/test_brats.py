@@ -462,6 +462,26 @@ def test_non_finite_voxels(
     assert victim not in dm.train_subjects + dm.test_subjects and len(dm.train_subjects) == 2
 
 
+def test_seg_labels_outside_brats_are_named(
+    brats_copy: Callable[[], Path], dm0: BraTSDataModule, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A seg with labels 3 and 255 in the used slices: a warning naming the file and the labels
+    (the subject stays, every label > 0 is tumour), or a DataError under strict."""
+    root = _strict_ready(brats_copy())
+    victim = dm0.test_subjects[0]
+    path = _file(root, victim, "seg")
+    seg = _load(path).astype(np.int16)
+    seg[5, 5, 70], seg[6, 6, 75] = 3, 255
+    _save(seg, path)
+    message = f"{victim}_seg.nii.gz: labels 3, 255 in slices 60..90 are not BraTS labels"
+    with pytest.raises(DataError, match=message):
+        _dm(root, strict=True)
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(root)
+    assert message in caplog.text
+    assert victim in dm.test_subjects
+
+
 def test_slice_range_beyond_depth(brats_root: Path) -> None:
     with pytest.raises(DataError, match="needs at least 121 axial slices, the volume has 100"):
         _dm(brats_root, slice_range=(60, 120), strict=True)

@@ -33,7 +33,7 @@ from data_modules.synthetic.chestxray8 import (
 from data_modules.synthetic.noise import smooth_noise
 from data_modules.synthetic.toy import toy_tensors, toy_texture_images, toy_training_batch
 
-DEMO_KINDS = ("phantom", "anatomy")
+DEMO_KINDS = ("phantom", "anatomy", "anatomy-hard")
 # Sizes that the datasets' default protocols accept, with room for 8 shots (what
 # `pathoscope make-demo-data` writes): experiments/brats.yaml tests 130 healthy + 290 tumorous
 # slices (40 subjects), chestxray8.yaml 1,490 radiographs (1,000 + 1,000 images, 90 % of the
@@ -74,8 +74,9 @@ def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwarg
     protocol at reduced test counts: BraTS 20 subjects of 128 x 128 x 100, ChestX-ray8 60 normal
     + 60 abnormal images of 256 x 256. Keyword arguments override the writer's defaults
     (PROTOCOL_SIZES: sets the default protocols themselves accept).
-    `kind` (BraTS only): "phantom" (`write_brats`) or "anatomy" (brains from the MNI152 template,
-    `synthetic.anatomy.write_brats_anatomy`; needs nilearn's data files).
+    `kind` (BraTS only): "phantom" (`write_brats`), "anatomy" (brains from the MNI152 template,
+    `synthetic.anatomy.write_brats_anatomy`; needs nilearn's data files) or "anatomy-hard" (the
+    same with normal variability and less conspicuous tumours, `hard=True`).
     Returns the path to give the data module as `root`.
     """
     if kind not in DEMO_KINDS:
@@ -83,8 +84,8 @@ def make_demo_data(dataset: str, out: str | Path, kind: str = "phantom", **kwarg
     if dataset == "brats":
         opts: dict = {"n_subjects": 20, "shape": (128, 128, 100)}
         opts.update(kwargs)
-        if kind == "anatomy":
-            return write_brats_anatomy(out, **opts)
+        if kind in ("anatomy", "anatomy-hard"):
+            return write_brats_anatomy(out, hard=kind == "anatomy-hard", **opts)
         return write_brats(out, **opts)
     if kind != "phantom":
         raise DataError(f"make_demo_data: kind={kind!r} applies to brats only, not {dataset!r}")

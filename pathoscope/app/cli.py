@@ -220,7 +220,7 @@ def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"--kind applies to --dataset brats only, not {args.dataset}")
     # Large enough for `train --dataset <same>` (its default test counts), unlike make train's demo.
     sizes = PROTOCOL_SIZES[args.dataset]
-    if args.kind == "anatomy":  # the development benchmark: BraTS's own 240 x 240 x 155 frame
+    if args.kind in ("anatomy", "anatomy-hard"):  # the development benchmarks: BraTS's frame
         sizes = {**sizes, "shape": ANATOMY_SHAPE}
     root = make_demo_data(args.dataset, args.out, kind=args.kind or "phantom", **sizes)
     print(f"wrote a synthetic {args.dataset} set; data root: {root}")
@@ -372,10 +372,12 @@ def _front_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--kind",
-        choices=("phantom", "anatomy"),
+        choices=("phantom", "anatomy", "anatomy-hard"),
         default=None,
         help="brats only: phantom brains (default), or brains from the MNI152 template with "
-        "BraTS-like gliomas in the 240 x 240 x 155 frame (the development benchmark; nilearn)",
+        "BraTS-like gliomas in the 240 x 240 x 155 frame (the development benchmark; nilearn); "
+        "anatomy-hard: the same with white-matter hyperintensities, per-subject contrast, bias, "
+        "noise and slice thickness, and smaller, subtler tumours",
     )
     p.set_defaults(handler=_cmd_make_demo_data)
 

@@ -183,3 +183,51 @@ def test_make_demo_data_kind(tmp_path: Path) -> None:
         make_demo_data("chestxray8", tmp_path / "c", kind="anatomy")
     with pytest.raises(DataError, match="unknown kind"):
         make_demo_data("brats", tmp_path / "d", kind="mri")
+
+
+# ----------------------------------------------------------------------------- anatomy-hard
+def _ball_tissue(n: int = 72) -> dict[str, np.ndarray]:
+    """A toy brain: WM ball, GM shell, a CSF 'ventricle' at the centre, no template detail."""
+    r = np.linalg.norm(np.indices((n, n, n)) - (n - 1) / 2.0, axis=0)
+    brain = (r < 30).astype(np.float32)
+    csf = ((r < 5) * brain).astype(np.float32)
+    wm = ((r >= 5) & (r < 22)).astype(np.float32)
+    gm = brain - wm - csf
+    return {"brain": brain, "csf": csf, "gm": gm, "wm": wm, "detail": np.zeros_like(brain), "r": r}
+
+
+def test_hard_hyperintensities_lie_in_deep_white_matter_and_brighten_flair() -> None:
+    tissue = _ball_tissue()
+    r = tissue.pop("r")
+    var = anatomy._variability(np.random.default_rng(0), tissue)
+    assert var.wmh.max() > 0.5  # some burden (caps beside the ventricle at least)
+    assert var.wmh[tissue["wm"] == 0].max() == 0.0  # never outside white matter
+    assert var.wmh[r > 30 - 11].max() == 0.0  # nor near the brain's edge (12 voxels, 1 for rounding)
+    rng = np.random.default_rng(1)
+    plain = anatomy._modality(np.random.default_rng(1), "flair", tissue, None)
+    hard = anatomy._modality(rng, "flair", tissue, None, var)
+    spots = var.wmh > 0.5
+    assert spots.sum() > 20
+    assert np.median(hard[spots]) > np.median(plain[spots]) * 1.05  # brighter than plain WM
+    clear = (tissue["wm"] > 0) & (var.wmh == 0)
+    assert abs(np.median(hard[clear]) / np.median(plain[clear]) - 1.0) < 0.05  # elsewhere alike
+
+
+def test_hard_variant_is_reproducible_and_keeps_brats_labels(tmp_path: Path) -> None:
+    kw = {"n_subjects": 3, "shape": (48, 48, 60), "slice_range": (28, 44), "seed": 2}
+    a = write_brats_anatomy(tmp_path / "a", hard=True, **kw)
+    b = make_demo_data("brats", tmp_path / "b", kind="anatomy-hard", **kw)
+    plain = write_brats_anatomy(tmp_path / "p", **kw)
+    for f in sorted(a.rglob("*.nii.gz")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+        if f.name.endswith("_seg.nii.gz"):
+            seg = np.asarray(nib.load(f).dataobj)
+            assert set(np.unique(seg)) <= {0, 1, 2, 4}
+    tumour = [
+        int((np.asarray(nib.load(folder / f"{folder.name}_seg.nii.gz").dataobj) > 0).sum())
+        for root in (a, plain)
+        for folder in sorted(root.iterdir())
+    ]
+    assert sum(tumour[:3]) < sum(tumour[3:])  # the same plan, smaller tumours
+    flair = [_vol(root / "BraTS20_Training_001", "flair") for root in (a, plain)]
+    assert not np.array_equal(flair[0], flair[1])

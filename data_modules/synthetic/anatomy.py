@@ -32,35 +32,17 @@ from scipy.spatial.transform import Rotation
 
 from data_modules.errors import DataError
 from data_modules.synthetic.brats import BRATS_DIRNAME, MISNAMED_SEG, save_nifti
+from data_modules.synthetic.mr_signal import modality
 from data_modules.synthetic.noise import smooth_noise
+from data_modules.synthetic.variability import HARD_CONTRAST, HARD_SIZE, draw_variability
 
 Box = tuple[slice, slice, slice]  # voxel box of the frame
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 _Y0, _Z_LO, _Z_HI = -18.0, -10.0, 20.0  # MNI mm of the frame centre (y) and of slices lo / hi
 _CENTRE = np.array([0.0, _Y0, 5.0])  # pose pivot (MNI mm)
 _BRAIN_BOX = np.array([[-73.0, -108.0, -73.0], [73.0, 74.0, 83.0]])  # template brain extent (mm)
-# Normal tissue means (CSF, GM, WM) in white-matter units, and the weight of the template detail.
-_NORMAL = {
-    "flair": (0.35, 1.2, 1.0),
-    "t1": (0.35, 0.72, 1.0),
-    "t1ce": (0.38, 0.74, 1.0),
-    "t2": (2.8, 1.35, 1.0),
-}
-_DETAIL = {"flair": -0.5, "t1": 1.0, "t1ce": 1.0, "t2": -0.8}
-# Tumour compartments: (subtle, obvious) intensity in WM units, interpolated by the contrast.
-_OEDEMA = {"flair": (1.1, 1.8), "t1": (0.93, 0.72), "t1ce": (0.93, 0.72), "t2": (1.35, 2.3)}
-_RIM = {"flair": (1.15, 1.6), "t1": (0.88, 0.65), "t1ce": (1.3, 2.0), "t2": (1.3, 1.9)}
-_NECROSIS = {"flair": (0.9, 0.9), "t1": (0.75, 0.4), "t1ce": (0.7, 0.35), "t2": (1.6, 2.8)}
-_NONENH = {"flair": (1.15, 1.9), "t1": (0.85, 0.6), "t1ce": (0.85, 0.6), "t2": (1.5, 2.6)}
-_HET_SIGN = {"flair": 1.0, "t1": -0.5, "t1ce": -0.5, "t2": 1.0}  # heterogeneity per modality
 # Subject mix relative to slice_range (the rest "covers"): see _tumour_extent.
 _KIND_FRACTIONS = {"none": 0.2, "outside": 0.075, "inside": 0.075, "straddle": 0.35}
-# `hard=True` (make-demo-data --kind anatomy-hard): unlabelled white-matter hyperintensities in
-# (subtle oedema's) intensities, WM units per modality; tumours at most this conspicuous, and
-# their size scaled down by a per-subject factor in this range.
-_WMH = {"flair": (1.2, 1.55), "t1": (0.97, 0.88), "t1ce": (0.97, 0.88), "t2": (1.25, 1.7)}
-_HARD_CONTRAST = 1.0
-_HARD_SIZE = (0.75, 1.0)
 
 
 # ----------------------------------------------------------------------------- template
@@ -229,7 +211,7 @@ def _draw_tumour(
         return None
     total, zc = extent
     if hard is not None:
-        total *= hard.uniform(*_HARD_SIZE)
+        total *= hard.uniform(*HARD_SIZE)
     grade = str(rng.choice(["high", "low", "infiltrative"], p=[0.6, 0.28, 0.12]))
     share = {"high": (0.3, 0.65), "low": (0.45, 0.85), "infiltrative": (0.15, 0.35)}[grade]
     core = min(25.0, max(3.0, total - 20.0, total * rng.uniform(*share)))
@@ -252,7 +234,7 @@ def _draw_tumour(
         grade=grade,
         rim=rng.uniform(2.0, 7.0),
         lobes=rng.uniform(0.1, 0.3),
-        contrast=rng.uniform(0.0, 1.0) * (_HARD_CONTRAST if hard is not None else 1.0),
+        contrast=rng.uniform(0.0, 1.0) * (HARD_CONTRAST if hard is not None else 1.0),
         necrosis_flair=rng.uniform(0.5, 1.6),
         push=push,
         decay=effective * rng.uniform(0.8, 1.5),
@@ -427,82 +409,6 @@ def _anatomy(coords: np.ndarray) -> dict[str, np.ndarray]:
     return {"brain": brain.astype(np.float32), "csf": csf, "gm": gm, "wm": wm, "detail": detail}
 
 
-@dataclass(frozen=True)
-class _Variability:
-    """The hard variant's normal variability of one subject (every modality shares it)."""
-
-    wmh: np.ndarray  # (box) membership of unlabelled white-matter hyperintensities
-    wmh_level: float  # 0 .. 1 between the _WMH intensity bounds
-    gm_wm: float  # grey / white contrast factor: GM mean -> WM + gm_wm * (GM - WM)
-    bias: float  # bias field amplitude
-    noise: float  # noise sigma (WM units)
-    thickness: float  # through-plane blur sigma (voxels): thick slices
-    rng: np.random.Generator
-
-
-def _variability(rng: np.random.Generator, tissue: dict[str, np.ndarray]) -> _Variability:
-    """Per-subject normal variability of the hard variant: punctate and confluent deep WMH and
-    periventricular caps (none to moderate burden), grey / white contrast, bias, noise and slice
-    thickness."""
-    wm, csf, brain = tissue["wm"], tissue["csf"], tissue["brain"] > 0
-    depth = ndimage.distance_transform_edt(brain)  # voxels from the brain's edge
-    deep = np.clip((depth - 12.0) / 10.0, 0.0, 1.0).astype(np.float32)
-    ventricles = ndimage.gaussian_filter((csf > 0.8) * deep, 2.0)  # deep CSF: the ventricles
-    caps = np.clip(ventricles / 0.15, 0.0, 1.0) * rng.uniform(0.0, 0.6)  # periventricular
-    spots = smooth_noise(rng, wm.shape, max(4, wm.shape[0] // 6))
-    burden = rng.uniform(2.2, 3.8)  # threshold in noise std: higher, fewer spots
-    wmh = np.maximum(_soft(spots - np.float32(burden), 0.15), caps) * wm * deep
-    return _Variability(
-        wmh=wmh.astype(np.float32),
-        wmh_level=float(rng.uniform(0.0, 1.0)),
-        gm_wm=float(rng.uniform(0.9, 1.1)),
-        bias=float(rng.uniform(0.03, 0.1)),
-        noise=float(rng.uniform(0.01, 0.04)),
-        thickness=float(rng.uniform(0.0, 0.8)),
-        rng=rng,
-    )
-
-
-def _modality(
-    rng: np.random.Generator,
-    mod: str,
-    tissue: dict[str, np.ndarray],
-    lesion: _Lesion | None,
-    var: _Variability | None = None,
-) -> np.ndarray:
-    """One modality over the brain box, in WM units before scaling (float32); `var`: the hard
-    variant's normal variability."""
-    means = (np.asarray(_NORMAL[mod]) * rng.uniform(0.94, 1.06, 3)).astype(np.float32)
-    if var is not None:
-        means[1] = means[2] + np.float32(var.gm_wm) * (means[1] - means[2])
-    img = tissue["csf"] * means[0] + tissue["gm"] * means[1] + tissue["wm"] * means[2]
-    img += np.float32(_DETAIL[mod]) * tissue["detail"]
-    if var is not None:
-        lo, hi = _WMH[mod]
-        img += var.wmh * (np.float32(lo + var.wmh_level * (hi - lo)) - img)
-    if lesion is not None:
-        het = 1.0 + np.float32(_HET_SIGN[mod]) * lesion.het
-        part = img[lesion.local]
-        tables = {"oedema": _OEDEMA, "rim": _RIM, "necrosis": _NECROSIS, "nonenh": _NONENH}
-        for name, weight in lesion.soft.items():  # nested, outermost first
-            lo, hi = tables[name][mod]
-            value = lo + lesion.tumour.contrast * (hi - lo)
-            if name == "necrosis" and mod == "flair":
-                value = lesion.tumour.necrosis_flair
-            part += weight * (np.float32(value) * het - part)
-        img[lesion.local] = part
-    img *= 1.0 + np.float32(rng.uniform(0.05, 0.1)) * smooth_noise(rng, img.shape, 2)  # bias
-    sigma = np.float32(rng.uniform(0.01, 0.04))
-    if var is not None:
-        img *= 1.0 + np.float32(var.bias) * smooth_noise(var.rng, img.shape, 3)
-        if var.thickness > 0.3:
-            img = ndimage.gaussian_filter1d(img, var.thickness, axis=2)
-        sigma = np.float32(var.noise)
-    real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    imag = sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.sqrt(real * real + imag * imag)  # Rician magnitude
-
-
 def _subject(
     rng: np.random.Generator, frame: _Frame, kind: str, hard: np.random.Generator | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -521,10 +427,10 @@ def _subject(
     if lesion is not None:
         seg[box][lesion.local] = lesion.seg
     brain = tissue["brain"] > 0
-    var = None if hard is None else _variability(hard, tissue)
+    var = None if hard is None else draw_variability(hard, tissue)
     volumes = {}
     for mod in ("flair", "t1", "t1ce", "t2"):
-        img = _modality(rng, mod, tissue, lesion, var)
+        img = modality(rng, mod, tissue, lesion, var)
         img *= np.float32(rng.uniform(300.0, 1500.0))  # arbitrary scanner units
         img = np.clip(img + 0.5, 1.0, 32767.0) * brain  # round; >= 1 in the brain, 0 outside
         volumes[mod] = np.zeros(frame.shape, dtype=np.int16)

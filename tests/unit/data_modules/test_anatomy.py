@@ -13,7 +13,14 @@ from scipy import ndimage
 
 from data_modules.brats import BraTSDataModule
 from data_modules.errors import DataError
-from data_modules.synthetic import BRATS_DIRNAME, MISNAMED_SEG, anatomy, make_demo_data
+from data_modules.synthetic import (
+    BRATS_DIRNAME,
+    MISNAMED_SEG,
+    anatomy,
+    make_demo_data,
+    mr_signal,
+    variability,
+)
 from data_modules.synthetic.anatomy import mass_effect_shift, write_brats_anatomy
 
 if importlib.util.find_spec("nilearn") is None:  # the template ships with it (never imported)
@@ -199,13 +206,15 @@ def _ball_tissue(n: int = 72) -> dict[str, np.ndarray]:
 def test_hard_hyperintensities_lie_in_deep_white_matter_and_brighten_flair() -> None:
     tissue = _ball_tissue()
     r = tissue.pop("r")
-    var = anatomy._variability(np.random.default_rng(0), tissue)
+    var = variability.draw_variability(np.random.default_rng(0), tissue)
     assert var.wmh.max() > 0.5  # some burden (caps beside the ventricle at least)
     assert var.wmh[tissue["wm"] == 0].max() == 0.0  # never outside white matter
-    assert var.wmh[r > 30 - 11].max() == 0.0  # nor near the brain's edge (12 voxels, 1 for rounding)
+    assert (
+        var.wmh[r > 30 - 11].max() == 0.0
+    )  # nor near the brain's edge (12 voxels, 1 for rounding)
     rng = np.random.default_rng(1)
-    plain = anatomy._modality(np.random.default_rng(1), "flair", tissue, None)
-    hard = anatomy._modality(rng, "flair", tissue, None, var)
+    plain = mr_signal.modality(np.random.default_rng(1), "flair", tissue, None)
+    hard = mr_signal.modality(rng, "flair", tissue, None, var)
     spots = var.wmh > 0.5
     assert spots.sum() > 20
     assert np.median(hard[spots]) > np.median(plain[spots]) * 1.05  # brighter than plain WM

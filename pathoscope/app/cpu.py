@@ -4,7 +4,7 @@
 threshold, many smaller ones) from a fresh mmap and unmaps it on free, so each large tensor of
 every step is first-touched again, page by page. A training step allocates and frees tens of such
 tensors ((B h w, 1024) activations of D and their gradients); on this project's 2-core VM the page
-faults were a fifth of a 256 px step (benchmarks/ABLATION.md, "Where a seed's minutes went").
+faults were a fifth of a 256 px step (benchmarks/ABLATION.md, "Time to quality").
 Serving all blocks from the heap and never trimming it keeps that memory mapped for reuse, as
 PyTorch's CPU performance guide obtains with jemalloc or tcmalloc. The price: the process keeps
 its peak memory until it exits.

@@ -41,6 +41,20 @@ def batch_and_dm(brats_root: Path) -> tuple[dict, BraTSDataModule]:
     return next(iter(dm.train_dataloader())), dm
 
 
+def _trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
+    """A quiet CPU Trainer without validation, checkpoints or logger."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
 def _spy_pieg(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
     calls: list[dict[str, torch.Tensor]] = []
     real = model_module.pieg
@@ -206,17 +220,7 @@ def test_cosine_schedule_runs_both_rates_down_over_max_steps(
     for schedule in ("cosine", "constant"):
         seen.clear()
         module = _module(optim={"schedule": schedule, "lr_adapter": 1e-4})
-        trainer = L.Trainer(
-            max_steps=4,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            enable_checkpointing=False,
-            default_root_dir=tmp_path,
-            callbacks=[Rates()],
-        )
+        trainer = _trainer(tmp_path, max_steps=4, callbacks=[Rates()])
         trainer.fit(module, dm)
         base = [1e-4, 1e-4, 2e-4, 2e-4]  # the adapter's weight and bias, then D's groups
         factors = [cosine_factor(t, 4) if schedule == "cosine" else 1.0 for t in range(1, 5)]
@@ -230,16 +234,7 @@ def test_cosine_schedule_runs_both_rates_down_over_max_steps(
 
 def test_cosine_schedule_needs_a_finite_fit(batch_and_dm: tuple, tmp_path: Path) -> None:
     _, dm = batch_and_dm
-    trainer = L.Trainer(
-        max_steps=-1,
-        max_epochs=-1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, max_steps=-1, max_epochs=-1)
     with pytest.raises(ValueError, match="optim.schedule='cosine' needs a finite fit"):
         trainer.fit(_module(optim={"schedule": "cosine"}), dm)
 
@@ -424,17 +419,7 @@ def test_train_pool_repeats_the_stream_and_marks_each_draw(brats_root: Path) -> 
 def _fit_weights(dm: BraTSDataModule, tmp_path: Path, steps: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     module = _module(losses={"max_cells": 50})
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
+    trainer = _trainer(tmp_path, max_steps=steps, deterministic=True)
     trainer.fit(module, dm)
     assert module.model.__dict__.get("_feature_pool") is None  # forgotten after the fit
     return {k: v.clone() for k, v in module.model.state_dict().items()}

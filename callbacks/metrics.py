@@ -7,7 +7,7 @@ number of items, never by the input resolution. At epoch end it gathers the item
 rank, removes the duplicates that DistributedSampler pads with (same `index`), and computes:
 
 * validation: tau = the `pl_module.tau_quantile` quantile of the NORMAL validation scores,
-  stored in the `pl_module.tau` buffer (so checkpoints carry it); `val/<metric>` is logged.
+  stored by `pl_module.threshold` (`ImageThreshold`: a buffer, so checkpoints carry it); `val/<metric>` is logged.
 * test: the stored tau is used as it is; `test/<metric>` is logged, and `metrics.json` (every key
   of docs/metrics.md) plus, with `save_predictions=True`, `predictions.npz` are written.
 
@@ -19,7 +19,6 @@ sensitivity/specificity actually achieved at tau are reported with it.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -42,7 +41,7 @@ from pathoscope.metrics import (
     pixel_auroc,
     pro_score,
 )
-from pathoscope.postprocess import threshold_from_normals
+from pathoscope.postprocess import ImageThreshold, pathological
 
 __all__ = [
     "JSON_KEYS",
@@ -106,7 +105,8 @@ class EvalData:
 def compute_metrics(data: EvalData, tau: float | None, fpr_limit: float = 0.3) -> dict[str, Any]:
     """Every value of METRIC_KEYS for `data` (None where undefined).
 
-    Image decisions are score >= tau over all items; pixel decisions are anomaly_map >= tau,
+    Image decisions are `pathological(score, tau)` (score >= tau) over all items; pixel decisions
+    are `pathological(anomaly_map, tau)`,
     pooled over the pixel-metric items (EvalData.pixel_items). Threshold-based values are None
     when tau is None.
     """
@@ -114,7 +114,7 @@ def compute_metrics(data: EvalData, tau: float | None, fpr_limit: float = 0.3) -
     out["tau"] = tau
     out["image_auroc"] = image_auroc(data.scores, data.labels)
     if tau is not None:
-        decision = data.scores >= tau
+        decision = pathological(data.scores, tau)
         positive = data.labels == 1
         if positive.any():
             out["sensitivity"] = float(np.mean(decision[positive]))
@@ -134,7 +134,7 @@ def compute_metrics(data: EvalData, tau: float | None, fpr_limit: float = 0.3) -
     out["pixel_auroc_fg"] = pixel_auroc(maps, gt_masks, foreground=foreground)
     out["pro_fg"] = pro_score(maps, gt_masks, fpr_limit=fpr_limit, foreground=foreground)
     if tau is not None:
-        pred_masks = maps >= tau
+        pred_masks = pathological(maps, tau)
         out["dice_at_tau"] = dice_score(pred_masks, gt_masks)
         out["iou_at_tau"] = iou_score(pred_masks, gt_masks)
     return out
@@ -161,7 +161,7 @@ class AnomalyMetrics(Callback):
             default_root_dir).
         fpr_limit: PRO is integrated up to this false-positive rate (MVTec AD: 0.3).
 
-    Needs `pl_module.tau` (scalar tensor buffer), `pl_module.tau_quantile` (float), and
+    Needs `pl_module.threshold` (`ImageThreshold`), `pl_module.tau_quantile` (float), and
     validation/test steps that return {"score": (B,), "anomaly_map": (B, 1, H, W)} on the
     evaluation item dicts of docs/batch_contract.md. After an epoch, `results[stage]` (EvalData) and
     `metrics[stage]` (dict) hold what was computed; stage is "val" or "test".
@@ -341,15 +341,11 @@ class AnomalyMetrics(Callback):
         if data is None:
             warnings.warn("AnomalyMetrics: no validation items; tau is unchanged", stacklevel=2)
             return
-        quantile = float(pl_module.tau_quantile)
-        tau = threshold_from_normals(data.scores, data.labels, quantile)
+        tau = _threshold(pl_module).fit(data.scores, data.labels, float(pl_module.tau_quantile))
         if tau is None:
             warnings.warn(
                 "AnomalyMetrics: no normal validation item; tau is left unset (NaN)", stacklevel=2
             )
-            _tau_buffer(pl_module).fill_(float("nan"))
-        else:
-            _tau_buffer(pl_module).fill_(tau)
         self._evaluate("val", data, trainer, pl_module)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -391,11 +387,10 @@ class AnomalyMetrics(Callback):
     def _evaluate(
         self, stage: str, data: EvalData, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> dict[str, Any]:
-        tau_value = float(_tau_buffer(pl_module))  # the stored (float32) value is the one used
-        tau = tau_value if math.isfinite(tau_value) else None
+        tau = _threshold(pl_module).value  # the stored (float32) value is the one used
         if tau is None and stage == "test":
             warnings.warn(
-                "AnomalyMetrics: pl_module.tau is NaN (no validation ran and the checkpoint has "
+                "AnomalyMetrics: tau is unset (no validation ran and the checkpoint has "
                 "none); tau, sensitivity, specificity, dice_at_tau and iou_at_tau are null",
                 stacklevel=2,
             )
@@ -409,14 +404,14 @@ class AnomalyMetrics(Callback):
         return metrics
 
 
-def _tau_buffer(pl_module: L.LightningModule) -> Tensor:
-    tau = getattr(pl_module, "tau", None)
-    if not isinstance(tau, Tensor) or tau.numel() != 1:
+def _threshold(pl_module: L.LightningModule) -> ImageThreshold:
+    threshold = getattr(pl_module, "threshold", None)
+    if not isinstance(threshold, ImageThreshold):
         raise TypeError(
-            "AnomalyMetrics needs pl_module.tau, a scalar tensor buffer (as PathoScope has); "
-            f"got {type(tau).__name__}"
+            "AnomalyMetrics needs pl_module.threshold, a pathoscope.postprocess.ImageThreshold "
+            f"(as PathoScope has); got {type(threshold).__name__}"
         )
-    return tau
+    return threshold
 
 
 def _as_4d(mask: Any) -> Tensor:

@@ -41,6 +41,7 @@ from callbacks.metrics import AnomalyMetrics, EvalData, resolve_output_dir
 from callbacks.visualization import overview_image, render_panel
 from data_modules.transforms import denormalize
 from pathoscope.metrics import iou_score
+from pathoscope.postprocess import pathological
 
 __all__ = ["GROUPS", "OVERVIEW_TILE", "AnomalyPanels", "select_panels"]
 
@@ -216,7 +217,7 @@ def _entry(group: str, rank: int, data: EvalData, r: int, file: str) -> dict[str
 
 
 def _title(group: str, rank: int, data: EvalData, r: int, tau: float | None) -> list[str]:
-    pred = None if tau is None else data.maps[r] >= tau
+    pred = None if tau is None else pathological(data.maps[r], tau)
     iou = None if pred is None else iou_score(pred, data.gt_masks[r])
     what = {"false_alarm": "false alarm", "miss": "miss", "random": "random"}[group]
     return [
@@ -260,7 +261,7 @@ def _panel(
         g = torch.from_numpy(gt_mask)[None, None].float()
         gt_mask = F.interpolate(g, size=hw, mode="nearest-exact")[0, 0].numpy() > 0.5
     image_rgb = (image[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-    pred = None if tau is None else anomaly_map >= tau
+    pred = None if tau is None else pathological(anomaly_map, tau)
     kwargs = {} if tile is None else {"min_tile": tile}
     return render_panel(image_rgb, anomaly_map, gt_mask, pred, title, value_range, **kwargs)
 

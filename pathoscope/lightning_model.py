@@ -37,6 +37,7 @@ from pathoscope.hparams import (
     coerce,
 )
 from pathoscope.joint_optimizer import JointOptimizer
+from pathoscope.postprocess import ImageThreshold
 from pathoscope.torch_model import InferenceOutput, PathoScopeModel
 
 
@@ -81,6 +82,11 @@ class PathoScope(L.LightningModule):
     def tau(self) -> Tensor:
         """The image threshold buffer (NaN until a validation sets it)."""
         return self.model.tau
+
+    @property
+    def threshold(self) -> ImageThreshold:
+        """The post-processor that owns tau and the decision at it."""
+        return self.model.threshold
 
     @property
     def tau_quantile(self) -> float:

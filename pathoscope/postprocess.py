@@ -2,12 +2,15 @@
 
 s (B, 1, h, w) --bilinear upsample to (H, W), Gaussian blur--> anomaly_map (B, 1, H, W)
 score (B,) = max of anomaly_map inside the foreground (the whole map where it is empty)
-tau = a quantile of the validation normals' scores; pathological where score > tau
+tau = a quantile of the validation normals' scores (`ImageThreshold`, the model's post-processor)
+decision: pathological where score >= tau, and pred_mask = anomaly_map >= tau (`pathological`,
+the only comparison with tau in the project; metrics, panels, predict, montage and export use it)
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +76,45 @@ def threshold_from_normals(scores: np.ndarray, labels: np.ndarray, quantile: flo
     if normal.size == 0:
         return None
     return float(np.quantile(normal, quantile))
+
+
+def pathological(values: Any, tau: float) -> Any:
+    """The decision rule, defined here only: True where `values` (scores or anomaly maps: a float,
+    a numpy array or a tensor) are >= tau. A score exactly at tau is pathological."""
+    return values >= tau
+
+
+class ImageThreshold(nn.Module):
+    """The image threshold tau and the decision at it: the model's post-processor.
+
+    Holds tau as a buffer (NaN until set, so checkpoints carry it), sets it from validation
+    normals (`fit`) and turns scores or maps into decisions (`decide`, through `pathological`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("tau", torch.tensor(float("nan")))
+
+    @property
+    def value(self) -> float | None:
+        """tau as a float (the stored float32 value); None while unset."""
+        return tau_value(self.tau)
+
+    def fit(self, scores: np.ndarray, labels: np.ndarray, quantile: float) -> float | None:
+        """Set tau to the `quantile` of the normal items' scores (`threshold_from_normals`); NaN
+        (unset) when there is no normal item. Returns the stored value."""
+        tau = threshold_from_normals(scores, labels, quantile)
+        self.tau.fill_(float("nan") if tau is None else tau)
+        return self.value
+
+    def set(self, tau: float | None) -> None:
+        """Store a given tau (None: unset)."""
+        self.tau.fill_(float("nan") if tau is None else tau)
+
+    def decide(self, values: Any) -> Any:
+        """`pathological(values, tau)`; None while tau is unset."""
+        tau = self.value
+        return None if tau is None else pathological(values, tau)
 
 
 def tau_value(tau: Tensor) -> float | None:

@@ -37,7 +37,7 @@ from pathoscope.losses import (
     tritanh,
 )
 from pathoscope.pieg import CandidateSearch, pieg
-from pathoscope.postprocess import GaussianBlur, anomaly_map, image_score
+from pathoscope.postprocess import GaussianBlur, ImageThreshold, anomaly_map, image_score
 
 
 class InferenceOutput(NamedTuple):
@@ -55,12 +55,20 @@ class Synthesis(NamedTuple):
     region: Tensor | None  # Eq. 4's region for base (None: all of base's cells)
 
 
+def _tau_key_before_threshold(
+    module: nn.Module, state: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Checkpoints written before `threshold` owned tau stored it as `<prefix>tau`."""
+    if prefix + "tau" in state and prefix + "threshold.tau" not in state:
+        state[prefix + "threshold.tau"] = state.pop(prefix + "tau")
+
+
 class PathoScopeModel(nn.Module):
     """Few-shot pathology detection: frozen E, adapter f, discriminator D, anchor bank, PiEG.
 
     Each argument is one hyperparameter group (`pathoscope.hparams`), or a mapping of its fields.
-    Buffers: the bank's anchors and distance_scale, and `tau` (the image threshold, NaN until a
-    validation sets it). Plain attributes: `weights_tag` (the backbone's weights, for reports) and
+    Buffers: the bank's anchors and distance_scale, and `threshold.tau` (the image threshold, NaN
+    until a validation sets it; `threshold` is the post-processor that owns the decision). Plain attributes: `weights_tag` (the backbone's weights, for reports) and
     `preprocessing` (the training datamodule's, so that predict prepares pixels the same way).
     """
 
@@ -81,9 +89,15 @@ class PathoScopeModel(nn.Module):
         self.discriminator = Discriminator(FEATURE_DIM, self.hp.network.hidden_dim)
         self.bank = AnchorBank(FEATURE_DIM, backend=self.hp.bank.backend)
         self.blur = GaussianBlur(self.hp.scoring.blur_sigma)
-        self.register_buffer("tau", torch.tensor(float("nan")))
+        self.threshold = ImageThreshold()
+        self.register_load_state_dict_pre_hook(_tau_key_before_threshold)
         self.weights_tag = self.backbone.weights_tag
         self.preprocessing: dict[str, Any] = {}
+
+    @property
+    def tau(self) -> Tensor:
+        """The image threshold buffer (`threshold.tau`; NaN until a validation sets it)."""
+        return self.threshold.tau
 
     def with_scoring(self, **changes: Any) -> None:
         """Change scoring fields in place (e.g. source="anchor_distance": the same bank, scored

@@ -54,7 +54,7 @@ def export_metadata(model: PathoScopeModel) -> dict[str, Any]:
         },
         "outputs": {
             "score": "float32 (batch,), max of anomaly_map inside the foreground",
-            "anomaly_map": f"float32 (batch, 1, {size}, {size}); pathological where > tau",
+            "anomaly_map": f"float32 (batch, 1, {size}, {size}); pathological where >= tau",
         },
     }
 

@@ -166,7 +166,7 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
     )
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert float(state["model.tau"]) == tau_fit
+    assert float(state["model.threshold.tau"]) == tau_fit
 
     test_results = trainer.test(model, datamodule=dm, verbose=False)
     report = json.loads((tmp_path / "metrics.json").read_text())

@@ -196,7 +196,7 @@ def test_fit_then_test_writes_metrics_and_checkpoint(fitted: Fitted) -> None:
     assert ckpt["global_step"] == len(fitted.train_steps)
     assert ckpt["global_step"] == (0 if fitted.config == "anchor_knn" else 2)
     assert ckpt["state_dict"]["model.bank.anchors"].shape[0] > 0  # the bank exists, untrained too
-    assert math.isfinite(float(ckpt["state_dict"]["model.tau"]))
+    assert math.isfinite(float(ckpt["state_dict"]["model.threshold.tau"]))
 
 
 def test_switches_change_the_bank_searches_of_a_training_step(fitted: Fitted) -> None:

@@ -21,13 +21,16 @@ from torch.utils.data import Dataset
 from callbacks import AnomalyMetrics
 from callbacks.metrics import JSON_KEYS
 from pathoscope.metrics import best_dice, image_auroc, pixel_auroc, pro_score
+from pathoscope.postprocess import ImageThreshold
 
 
 class FakeModule:
-    """What AnomalyMetrics needs of a LightningModule: tau buffer, tau_quantile, log_dict."""
+    """What AnomalyMetrics needs of a LightningModule: threshold, tau_quantile, log_dict."""
 
     def __init__(self, tau_quantile: float = 0.95, tau: float = float("nan")) -> None:
-        self.tau = torch.tensor(tau)
+        self.threshold = ImageThreshold()
+        self.threshold.tau.fill_(tau)
+        self.tau = self.threshold.tau
         self.tau_quantile = tau_quantile
         self.weights_tag = "random"
         self.logged: dict[str, float] = {}
@@ -294,7 +297,7 @@ def test_test_without_tau_warns_and_leaves_threshold_values_null(tmp_path: Path)
     )
     cb = AnomalyMetrics()
     trainer, module = fake_trainer(tmp_path), FakeModule()  # tau NaN: no validation ran
-    with pytest.warns(UserWarning, match="tau is NaN"):
+    with pytest.warns(UserWarning, match="tau is unset"):
         feed(cb, trainer, module, "test", [batch])
     report = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("tau", "sensitivity", "specificity", "dice_at_tau", "iou_at_tau"):
@@ -396,7 +399,8 @@ class ImageAsMap(L.LightningModule):
     def __init__(self, record_dir: str, tau: float = 0.8, tau_quantile: float = 0.95) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.register_buffer("tau", torch.tensor(tau))
+        self.threshold = ImageThreshold()
+        self.threshold.set(tau)
         self.weights_tag = "random"
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:

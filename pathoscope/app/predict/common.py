@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from pathoscope.checkpoint import CheckpointError
 from pathoscope.checkpoint import load_model as load_checkpoint_model
+from pathoscope.postprocess import pathological
 from pathoscope.torch_model import PathoScopeModel
 
 VOLUME_DATASETS = ("brats",)
@@ -41,8 +42,8 @@ def score_batch(
 
 
 def decision(score: float, tau: float | None) -> str:
-    """ "1" when pathological (score > tau), "0" when not, "" without tau."""
-    return "" if tau is None else str(int(score > tau))
+    """ "1" when pathological (`pathological`: score >= tau), "0" when not, "" without tau."""
+    return "" if tau is None else str(int(pathological(score, tau)))
 
 
 def no_bar(progress: bool | None) -> bool | None:

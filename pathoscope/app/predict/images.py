@@ -18,7 +18,7 @@ from data_modules.transforms import normalize, resize
 from data_modules.visualize import draw_outline
 from pathoscope.app.predict.common import score_batch
 from pathoscope.folded import inference_net
-from pathoscope.postprocess import tau_value
+from pathoscope.postprocess import pathological, tau_value
 from pathoscope.torch_model import PathoScopeModel
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,11 @@ class ImageResult:
 
     @property
     def pred_mask(self) -> np.ndarray | None:
-        return None if self.tau is None else self.anomaly_map > self.tau
+        return None if self.tau is None else pathological(self.anomaly_map, self.tau)
 
     @property
     def pathological(self) -> bool | None:
-        return None if self.tau is None else bool(self.score > self.tau)
+        return None if self.tau is None else bool(pathological(self.score, self.tau))
 
 
 def predict_images(

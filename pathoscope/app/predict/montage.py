@@ -4,8 +4,8 @@ One tile per scored axial slice, in slice order, row by row (at most MAX_COLUMNS
 the slice as the network sees it (training orientation: rows along the array's first axis),
 resized to TILE px: the first modality in grey with the anomaly map blended over it inside the
 foreground (jet over the scored slices' smallest to largest map value), the pred_mask outline
-(map > tau inside the foreground) in green, and a caption with the slice index and its score,
-in red when the slice is pathological (score > tau). A header gives the volume, its score and
+(map >= tau inside the foreground) in green, and a caption with the slice index and its score,
+in red when the slice is pathological (score >= tau). A header gives the volume, its score and
 decision, tau and the colour range.
 """
 
@@ -21,6 +21,7 @@ from PIL import Image
 
 from callbacks.visualization import colour_map, text_strip
 from data_modules.visualize import draw_outline
+from pathoscope.postprocess import pathological
 
 TILE = 128  # tile side in pixels
 MAX_COLUMNS = 8
@@ -63,8 +64,8 @@ def montage_image(
         mixed = np.where(fg[i][..., None], 0.5 * grey + 0.5 * colour_map(heat[i], (lo, hi)), grey)
         tile = (mixed + 0.5).astype(np.uint8)
         if tau is not None:
-            tile = draw_outline(tile, (heat[i] > tau) & fg[i], PRED_COLOR)
-        flagged = tau is not None and scores[i] > tau
+            tile = draw_outline(tile, pathological(heat[i], tau) & fg[i], PRED_COLOR)
+        flagged = tau is not None and bool(pathological(scores[i], tau))
         colour = (255, 80, 80) if flagged else (255, 255, 255)
         caption = text_strip([f"{slices[i]}: {scores[i]:.3f}"], TILE, CAPTION, colour)
         r, c = divmod(i, columns)
@@ -72,11 +73,13 @@ def montage_image(
         canvas[y : y + CAPTION, x : x + TILE] = caption
         canvas[y + CAPTION : y + CAPTION + TILE, x : x + TILE] = tile
     volume_score = float(np.max(scores))
-    decision = "" if tau is None else (" pathological" if volume_score > tau else " normal")
+    decision = (
+        "" if tau is None else (" pathological" if pathological(volume_score, tau) else " normal")
+    )
     header = [
         f"{name}: volume score {volume_score:.4g}{decision}; tau "
         + ("none" if tau is None else f"{tau:.4g}"),
-        f"slice: score (red > tau); map jet {lo:.3g} to {hi:.3g}; pred_mask green",
+        f"slice: score (red >= tau); map jet {lo:.3g} to {hi:.3g}; pred_mask green",
     ]
     return np.concatenate([text_strip(header, canvas.shape[1]), canvas], axis=0)
 

@@ -13,7 +13,7 @@ or `all` to change it) that hold any voxel > 0 are scored in batches, and the re
 back to the input's own orientation. Outputs per volume `<name>`:
   - `<name>_anomaly_map.nii.gz`: float32, the input's affine, header and 3D shape; each scored
     slice holds its anomaly map resized back to the slice size; other slices are 0.
-  - `<name>_pred_mask.nii.gz`: uint8, 1 where anomaly_map > tau inside the foreground (voxels > 0)
+  - `<name>_pred_mask.nii.gz`: uint8, 1 where anomaly_map >= tau inside the foreground (voxels > 0)
     of scored slices.
   - `<name>_montage.png`: the scored slices with the map overlaid, as the network saw them
     (pathoscope/app/predict/montage.py).
@@ -22,7 +22,7 @@ back to the input's own orientation. Outputs per volume `<name>`:
     last row `level=volume` with the volume score.
   The slice score is the maximum of the slice's anomaly map inside the foreground (as in training
   and evaluation); the VOLUME SCORE is the maximum slice score over the scored slices, and a slice
-  or volume is pathological when its score > tau.
+  or volume is pathological when its score >= tau.
 Images (PNG / JPEG): `<stem>_overlay.png` (left: the image with the pred_mask outline in red,
 right: the anomaly map blended over it) and one row each in `predictions.csv`.
 `predictions.csv` has one row per processed input (score, decision, output files); a later run

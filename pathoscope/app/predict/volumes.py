@@ -41,7 +41,7 @@ from data_modules.transforms import normalize, resize
 from pathoscope.app.predict.common import decision, no_bar, score_batch
 from pathoscope.app.predict.montage import write_montage
 from pathoscope.folded import inference_net
-from pathoscope.postprocess import tau_value
+from pathoscope.postprocess import pathological, tau_value
 from pathoscope.torch_model import PathoScopeModel
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class VolumeResult:
 
     @property
     def pathological(self) -> bool | None:
-        return None if self.tau is None else bool(self.score > self.tau)
+        return None if self.tau is None else bool(pathological(self.score, self.tau))
 
 
 Slices = tuple[int, int] | Literal["all"] | None  # None: the training slice_range
@@ -257,7 +257,7 @@ def predict_volume(
     if tau is not None:
         in_range = np.zeros(amap.shape, dtype=bool)
         in_range[:, :, scored] = True
-        pred = (amap > tau) & foreground & in_range
+        pred = pathological(amap, tau) & foreground & in_range
     # Back to the input's orientation.
     to_input = ornt_transform(axcodes2ornt(axcodes), io_orientation(ref.affine))
     amap_in = np.ascontiguousarray(apply_orientation(amap, to_input))

@@ -25,8 +25,11 @@ Split procedure (all choices rank names by a hash of (seed, purpose, name), see 
 4. Only the selected subjects' volumes are read in full; a subject whose volume then fails (e.g.
    truncated file, all-zero volume) is reported and the selection is redone without it.
 
-Preprocessing per volume and modality: clip to [0, p99.5] where p99.5 is the 99.5th percentile of
-the brain voxels (> 0), divide by p99.5 -> [0, 1]; `foreground` = voxels > 0 in any chosen
+Preprocessing per volume and modality (`intensity_norm`): "median" (the default, ours) divides by
+twice the median of the brain voxels (> 0) and clips to [0, 1]: a percentile scaling is moved by
+a large bright tumour (benchmarks/ABLATION.md, `percentile_norm`); "percentile" (the former
+default) clips to [0, p99.5] where p99.5 is the 99.5th percentile of the brain voxels, divides
+by p99.5 -> [0, 1]; `foreground` = voxels > 0 in any chosen
 modality; slices resized to `image_size` (bilinear/area; masks nearest). Only the selected
 in-range slices stay in memory. The optional `cache_dir` (outside the data root) stores the scan
 summary and preprocessed slices per subject, keyed by the files' names, sizes and modification
@@ -120,8 +123,8 @@ class BraTSDataModule(FewShotDataModule):
         cache_dir: str | None = None,
         textures: str | None = None,
         lesion_min_fraction: float = 0.5,
-        intensity_lesions: float = 0.0,
-        intensity_norm: str = "percentile",
+        intensity_lesions: float = 0.5,
+        intensity_norm: str = "median",
         train_pool: int = 0,
     ) -> None:
         super().__init__(

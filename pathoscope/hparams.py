@@ -150,9 +150,11 @@ class LossParams:
             GLASS max-pools). The data's lesion synthesis uses the same value (linked by the CLI).
         global_in_foreground: Eq. 4 averages inside the foreground (ours; the paper averages all).
         synthetic_in_foreground: PiEG generates v_s only at the foreground cells, and BCE(D(v_s), 1)
-            is taken there (ours; the paper perturbs every cell). Background cells of an MRI slice
-            are all alike and never anomalous; perturbing them teaches D nothing about anatomy
-            and costs half of PiEG's discriminator passes.
+            is taken there (ours; the paper perturbs every cell, `False`). Background cells of an
+            MRI slice are all alike and never anomalous; perturbing them teaches D nothing about
+            anatomy and costs half of PiEG's discriminator passes (the same quality in fewer
+            steps: benchmarks/ABLATION.md, `synthetic_all_cells`). A no-op where the foreground
+            is the whole image (radiographs).
         max_cells: at most this many cells of each of v_n and v_p enter D's step (the focal loss,
             BCE(D(v_n), 0) and the BatchNorm statistics PiEG freezes), drawn at random per step
             (ours; 0 = every cell, the paper). Both losses are means over cells, which a random
@@ -168,7 +170,7 @@ class LossParams:
     focal_gamma: float = 2.0
     lesion_min_fraction: float = 0.5
     global_in_foreground: bool = True
-    synthetic_in_foreground: bool = False
+    synthetic_in_foreground: bool = True
     max_cells: int = 0
 
     RANGES: ClassVar[dict[str, str]] = {

@@ -51,7 +51,15 @@ def step(monkeypatch: pytest.MonkeyPatch) -> dict:
     model = PathoScopeModel(
         network={"pretrained": False, "hidden_dim": 32},
         pieg={"steps": 2},
-        losses={"lambda_pull": L0, "lambda_push": L1, "eps": EPS, "focal_gamma": GAMMA},
+        # PiEG and BCE(D(v_s), 1) on every cell (the paper's reading; the shipped default keeps
+        # the foreground cells only, which the equations below would index the same way)
+        losses={
+            "lambda_pull": L0,
+            "lambda_push": L1,
+            "eps": EPS,
+            "focal_gamma": GAMMA,
+            "synthetic_in_foreground": False,
+        },
         bank={"backend": "torch"},
     ).train()
     with torch.no_grad():

@@ -44,7 +44,7 @@ from data_modules.common import (
     FewShotDataModule,
     Sample,
     Split,
-    check_ranges,
+    check_arguments,
     choose_test_pool,
     rank_key,
     select_loading,
@@ -158,7 +158,7 @@ class ChestXray8DataModule(FewShotDataModule):
             train_pool,
         )
         self.save_hyperparameters()
-        check_ranges(
+        check_arguments(
             {
                 "n_test": (n_test, "[1, inf)"),
                 "test_abnormal_fraction": (test_abnormal_fraction, "[0, 1]"),

@@ -174,9 +174,13 @@ class Curve(L.Callback):
             self.record(trainer, module)
 
 
+def _result_file(args: argparse.Namespace, variant: str, seed: int) -> Path:
+    return args.out / variant / f"k{args.shots}" / f"seed{seed}.json"
+
+
 def run_single(args: argparse.Namespace, variant: str, seed: int, overrides: list[str]) -> Path:
     """Train one (variant, seed) in this process; returns its result file."""
-    out = args.out / variant / f"k{args.shots}" / f"seed{seed}.json"
+    out = _result_file(args, variant, seed)
     cli_args: list[str] = []
     for f in config_files("brats"):
         cli_args += ["--config", str(f)]
@@ -250,7 +254,7 @@ def table(results: dict[str, list[dict[str, Any]]], shots: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True)
     p.add_argument("--variants", default="default")
@@ -261,21 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
     p.add_argument("--single", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
-    args, overrides = p.parse_known_args(argv)
-    if args.single:
-        run_single(args, args.single[0], int(args.single[1]), overrides)
-        return 0
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; expected some of {sorted(VARIANTS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    todo = [
-        (v, s)
-        for v in variants
-        for s in seeds
-        if not (args.out / v / f"k{args.shots}" / f"seed{s}.json").is_file()
-    ]
+    return p
+
+
+def _run_all(args: argparse.Namespace, todo: list[tuple[str, int]], overrides: list[str]) -> None:
+    """Each (variant, seed) of `todo` in its own process (`--single`), `args.jobs` at a time,
+    its output in seed<i>.log beside its result."""
     own = [
         f"--data-root={args.data_root}",
         f"--shots={args.shots}",
@@ -299,12 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     for r in running:
         r.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args, overrides = p.parse_known_args(argv)
+    if args.single:
+        run_single(args, args.single[0], int(args.single[1]), overrides)
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; expected some of {sorted(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    todo = [(v, s) for v in variants for s in seeds if not _result_file(args, v, s).is_file()]
+    _run_all(args, todo, overrides)
     results = {
-        v: [
-            json.loads(f.read_text())
-            for s in seeds
-            if (f := args.out / v / f"k{args.shots}" / f"seed{s}.json").is_file()
-        ]
+        v: [json.loads(f.read_text()) for s in seeds if (f := _result_file(args, v, s)).is_file()]
         for v in variants
     }
     text = table(results, args.shots)

@@ -44,7 +44,7 @@ from data_modules.common import (
     FewShotDataModule,
     Sample,
     Split,
-    check_ranges,
+    check_arguments,
     choose_test_pool,
     rank_key,
     select_loading,
@@ -158,7 +158,7 @@ class ChestXray8DataModule(FewShotDataModule):
             train_pool,
         )
         self.save_hyperparameters()
-        check_ranges(
+        check_arguments(
             {
                 "n_test": (n_test, "[1, inf)"),
                 "test_abnormal_fraction": (test_abnormal_fraction, "[0, 1]"),
@@ -319,32 +319,52 @@ class ChestXray8DataModule(FewShotDataModule):
         patients)."""
         n_abnormal = round(self.n_test * self.test_abnormal_fraction)
         n_normal = self.n_test - n_abnormal
+        test_candidates = self._test_candidates(
+            records, train_list, test_list, n_normal, n_abnormal
+        )
+        test_patients = {r.patient for r in test_candidates}
+        test_names = self._test_names(test_candidates, n_normal, n_abnormal)
+        train_names, val_names = self._training_shots(records, test_patients, train_list)
+        return test_names, train_names, val_names, test_patients
+
+    def _test_candidates(
+        self,
+        records: list[_Record],
+        train_list: set[str] | None,
+        test_list: set[str] | None,
+        n_normal: int,
+        n_abnormal: int,
+    ) -> list[_Record]:
+        """The test split: test_list.txt, else all but train_val_list.txt, else (no official
+        split) the images of a test_seed-ranked prefix of the patients."""
+        if test_list is not None:
+            return [r for r in records if r.name in test_list]
+        if train_list is not None:  # only train_val_list.txt: the rest is the test split
+            return [r for r in records if r.name not in train_list]
         by_patient: dict[str, list[_Record]] = {}
         for r in records:
             by_patient.setdefault(r.patient, []).append(r)
-        if train_list is None and test_list is None:
-            # No official split: test patients = a test_seed-ranked prefix of the patients.
-            supply = {
-                p: (sum(r.normal for r in rs), sum(not r.normal for r in rs))
-                for p, rs in by_patient.items()
-            }
-            eligible = {p for p, (n, _) in supply.items() if n > 0}
-            pool = choose_test_pool(
-                sorted(by_patient),
-                supply,
-                eligible,
-                n_normal,
-                n_abnormal,
-                self.shots,
-                self.test_seed,
-                f"patients (normal / abnormal images, view {self.view})",
-            )
-            test_candidates = [r for p in pool for r in by_patient[p]]
-        elif test_list is not None:
-            test_candidates = [r for r in records if r.name in test_list]
-        else:  # only train_val_list.txt: the rest is the test split
-            test_candidates = [r for r in records if r.name not in (train_list or set())]
-        test_patients = {r.patient for r in test_candidates}
+        supply = {
+            p: (sum(r.normal for r in rs), sum(not r.normal for r in rs))
+            for p, rs in by_patient.items()
+        }
+        eligible = {p for p, (n, _) in supply.items() if n > 0}
+        pool = choose_test_pool(
+            sorted(by_patient),
+            supply,
+            eligible,
+            n_normal,
+            n_abnormal,
+            self.shots,
+            self.test_seed,
+            f"patients (normal / abnormal images, view {self.view})",
+        )
+        return [r for p in pool for r in by_patient[p]]
+
+    def _test_names(
+        self, test_candidates: list[_Record], n_normal: int, n_abnormal: int
+    ) -> list[str]:
+        """The first `n_normal` normal and `n_abnormal` abnormal candidates in test_seed order."""
         ts = self.test_seed
         normals = sorted(
             (r.name for r in test_candidates if r.normal), key=lambda n: rank_key(ts, "normal", n)
@@ -361,9 +381,13 @@ class ChestXray8DataModule(FewShotDataModule):
                 f"test_abnormal_fraction={self.test_abnormal_fraction}; lower n_test (at most "
                 f"{self._max_n_test(len(normals), len(abnormals))})"
             )
-        test_names = normals[:n_normal] + abnormals[:n_abnormal]
+        return normals[:n_normal] + abnormals[:n_abnormal]
 
-        # Training: normal images of patients never in the test split.
+    def _training_shots(
+        self, records: list[_Record], test_patients: set[str], train_list: set[str] | None
+    ) -> tuple[list[str], list[list[str]]]:
+        """(one training image per shot, the shot patient's other normal images): normal images
+        of patients never in the test split, patients and images ranked by `seed`."""
         train_ok = (lambda r: True) if train_list is None else (lambda r: r.name in train_list)
         train_by_patient: dict[str, list[str]] = {}
         for r in records:
@@ -383,7 +407,7 @@ class ChestXray8DataModule(FewShotDataModule):
             )
             train_names.append(ranked[0])
             val_names.append(sorted(ranked[1:]))
-        return test_names, train_names, val_names, test_patients
+        return train_names, val_names
 
     def _max_n_test(self, normals: int, abnormals: int) -> int:
         """Largest n_test the test split supports at the requested abnormal fraction."""

@@ -39,11 +39,17 @@ SelectionT = TypeVar("SelectionT")
 VAL_COPIES_WITHOUT_OTHERS = 2
 
 
-def check_ranges(settings: dict[str, tuple[object, str]]) -> None:
-    """ValueError naming the first setting outside its interval: {name: (value, interval)}, the
-    intervals written as `pathoscope.hparams.check_range` reads them ("[1, inf)", "[0, 1]")."""
-    for name, (value, interval) in settings.items():
+def check_arguments(arguments: dict[str, tuple[object, str]]) -> None:
+    """A data module's constructor arguments, {name: (value, interval)}: ValueError naming the
+    first one outside its interval, the intervals written as `pathoscope.hparams.check_range` reads
+    them ("[1, inf)", "[0, 1]"). (`pathoscope.hparams.check_ranges` checks a hyperparameter
+    group's fields against the group's RANGES instead.)"""
+    for name, (value, interval) in arguments.items():
         check_range(name, value, interval)
+
+
+# The former name, which brats.py still imports; to be removed once brats.py says check_arguments.
+check_ranges = check_arguments
 
 
 @dataclass
@@ -261,7 +267,7 @@ class FewShotDataModule(L.LightningDataModule):
         train_pool: int = 0,
     ) -> None:
         super().__init__()
-        check_ranges(
+        check_arguments(
             {
                 "train_pool": (train_pool, "[0, inf)"),
                 "shots": (shots, "[1, inf)"),

@@ -27,6 +27,7 @@ import argparse
 import ast
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,11 +36,13 @@ from data_modules.anomaly_synthesis import LesionSynthesizer
 from data_modules.synthetic import toy_tensors, toy_texture_images, toy_training_batch
 from pathoscope.lightning_model import PathoScope
 from pathoscope.metrics import pixel_auroc
+from pathoscope.torch_model import PathoScopeModel
 
 SIZE = 64
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, dict[str, object]]]:
+    """(arguments, PathoScope's hyperparameter groups with the --model overrides)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--kind", choices=("stripes", "mottle"), default="stripes")
@@ -65,25 +68,16 @@ def main(argv: list[str] | None = None) -> None:
             groups.setdefault(group, {})[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             groups.setdefault(group, {})[name] = value
-    terms = [t for t in args.terms.split(",") if t]
+    return args, groups
 
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        module = PathoScope(**groups)  # the LightningModule, for its optimisers
-    model = module.model
-    bank_images, _ = toy_texture_images(
-        rng, 10, args.kind, size=SIZE
-    )  # 8 in the bank, 2 set its distance scale
-    model.build_bank(toy_tensors(bank_images), n_bank_images=8)
-    synthesizer = LesionSynthesizer()
 
-    def batch() -> dict[str, torch.Tensor]:
-        return toy_training_batch(rng, args.batch, args.kind, SIZE, synthesizer)
-
+def evaluator(
+    model: PathoScopeModel, kind: str, amplitude: float
+) -> Callable[[], tuple[float, float]]:
+    """`evaluate() -> (pixel AUROC of D's map, of the nearest-anchor distance)` on 8 fixed
+    anomalous toy images; it leaves the model in training mode with the backbone in eval mode."""
     test_x, test_masks = toy_texture_images(
-        np.random.default_rng(99), 8, args.kind, anomalous=True, size=SIZE, amplitude=args.amplitude
+        np.random.default_rng(99), 8, kind, anomalous=True, size=SIZE, amplitude=amplitude
     )
 
     def evaluate() -> tuple[float, float]:
@@ -98,11 +92,31 @@ def main(argv: list[str] | None = None) -> None:
         truth = torch.from_numpy(test_masks)
         return float(pixel_auroc(maps, truth)), float(pixel_auroc(knn, truth))
 
+    return evaluate
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, groups = parse_args(argv)
+    terms = [t for t in args.terms.split(",") if t]
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        module = PathoScope(**groups)  # the LightningModule, for its optimisers
+    model = module.model
+    bank_images, _ = toy_texture_images(
+        rng, 10, args.kind, size=SIZE
+    )  # 8 in the bank, 2 set its distance scale
+    model.build_bank(toy_tensors(bank_images), n_bank_images=8)
+    synthesizer = LesionSynthesizer()
+    evaluate = evaluator(model, args.kind, args.amplitude)
     untrained, _ = evaluate()
     optimizer = module.configure_optimizers()
     start = time.time()
     for step in range(1, args.steps + 1):
-        out = model.training_losses(batch())
+        out = model.training_losses(
+            toy_training_batch(rng, args.batch, args.kind, SIZE, synthesizer)
+        )
         loss = sum(out[t] for t in terms) if terms else out["loss"]
         optimizer.zero_grad()
         loss.backward()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -77,22 +78,30 @@ def _tumour_z_extent(
     return z0, min(brain_z[1] - 2.0, z0 + rng.uniform(0.5, 1.0) * room_above)
 
 
-def _brats_subject(
-    rng: np.random.Generator,
-    shape: tuple[int, int, int],
-    slice_range: tuple[int, int],
-    kind: str,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One phantom subject: ({modality: (H, W, D) int16}, seg (H, W, D) uint8)."""
+@dataclass(frozen=True)
+class _Brain:
+    """A phantom brain's ellipsoid: rotated normalised coordinates and the surface radius."""
+
+    uu: np.ndarray  # (H, W, 1) left-right, in units of the semi-axis a
+    vv: np.ndarray  # (H, W, 1) anterior-posterior, in units of b
+    zz: np.ndarray  # (1, 1, D) axial, in units of the half-height
+    r: np.ndarray  # (H, W, D), 1 on the (bumpy) brain surface
+    mask: np.ndarray  # (H, W, D) bool, r < 1
+    centre: tuple[float, float]  # (cu, cv) in normalised in-plane units
+    axes: tuple[float, float]  # (a, b) in-plane semi-axes
+
+
+def _brain_ellipsoid(
+    rng: np.random.Generator, shape: tuple[int, int, int], slice_range: tuple[int, int]
+) -> _Brain:
+    """Per-subject size, centre, in-plane rotation and bumpy surface. Axially the brain is centred
+    on the slice range with a half-height of ~2.3 ranges (real: slices ~5..145 of 155 around
+    60..90), shrunk to fit the volume: the range always shows the mid-brain."""
     h, w, d = shape
     # Normalised coordinates: u (axis 0, left-right), v (axis 1, anterior-posterior), z (axial).
     u = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None, None]
     v = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :, None]
     z = np.linspace(-1.0, 1.0, d, dtype=np.float32)[None, None, :]
-
-    # Brain ellipsoid: per-subject size, centre, in-plane rotation, bumpy surface. Axially it is
-    # centred on the slice range with a half-height of ~2.3 ranges (real: slices ~5..145 of 155
-    # around 60..90), shrunk to fit the volume: the range always shows the mid-brain.
     a, b = rng.uniform(0.62, 0.74), rng.uniform(0.76, 0.88)
     cu, cv = rng.uniform(-0.04, 0.04, 2).tolist()
     lo, hi = slice_range
@@ -108,11 +117,17 @@ def _brats_subject(
     zz = (z - cz) / c  # (1, 1, D)
     r = np.sqrt(uu**2 + vv**2 + zz**2)  # (H, W, D), 1 on the brain surface
     r = r + 0.025 * smooth_noise(rng, shape, 5)
-    brain = r < 1.0
+    return _Brain(uu, vv, zz, r, r < 1.0, (cu, cv), (a, b))
 
-    # Tissue fractions (soft boundaries = partial volume). max of sigmoids = sigmoid of max.
+
+def _tissue_fractions(
+    rng: np.random.Generator, shape: tuple[int, int, int], brain: _Brain
+) -> tuple[np.ndarray, np.ndarray]:
+    """(csf_frac, gm_frac), each (H, W, D): soft boundaries = partial volume; white matter is the
+    rest. max of sigmoids = sigmoid of max."""
+    uu, vv, zz = brain.uu, brain.vv, brain.zz
     folds = 0.06 * smooth_noise(rng, shape, 14)  # gyri
-    gm_frac = sigmoid((r - 0.8 - folds) * 50.0)
+    gm_frac = sigmoid((brain.r - 0.8 - folds) * 50.0)
     vent_scale = rng.uniform(0.7, 1.4)
     vent_arg = np.full(shape, -np.inf, dtype=np.float32)
     deep_arg = np.full(shape, -np.inf, dtype=np.float32)
@@ -124,49 +139,64 @@ def _brats_subject(
         dg = ((uu - side * 0.3) / 0.11) ** 2 + ((vv - 0.05) / 0.17) ** 2
         np.maximum(deep_arg, 1.0 - np.sqrt(dg + ((zz + 0.05) / 0.16) ** 2), out=deep_arg)
     # CSF: sulcal rim and lateral ventricles; grey matter: cortex and deep nuclei.
-    csf_frac = sigmoid(np.maximum((r - 0.955) * 100.0, vent_arg * 12.5))
+    csf_frac = sigmoid(np.maximum((brain.r - 0.955) * 100.0, vent_arg * 12.5))
     gm_frac = np.maximum(gm_frac, sigmoid(deep_arg * 10.0)) * (1.0 - csf_frac)
+    return csf_frac, gm_frac
 
-    # Brain z extent, to keep "outside" tumours inside the brain.
-    zs = np.nonzero(brain.any(axis=(0, 1)))[0]
-    brain_z = (int(zs[0]), int(zs[-1])) if zs.size else (0, d - 1)
 
-    seg = np.zeros(shape, dtype=np.uint8)
-    z_extent = _tumour_z_extent(kind, rng, slice_range, brain_z)
-    contrast = rng.uniform(0.25, 1.0)  # 1 = textbook contrast, 0.25 = subtle
-    box: tuple[slice, slice, slice] | None = None
-    if z_extent is not None:
-        z0, z1 = z_extent
-        zc, hz = 0.5 * (z0 + z1), max(0.5 * (z1 - z0), 1.0)
-        radius = rng.uniform(0.2, 0.42) * 0.5 * h  # oedema radius in pixels
-        ang = rng.uniform(0.0, 2.0 * math.pi)
-        rad = rng.uniform(0.0, 0.45)
-        ci = (cu + rad * a * math.cos(ang) + 1.0) * 0.5 * (h - 1)
-        cj = (cv + rad * b * math.sin(ang) + 1.0) * 0.5 * (w - 1)
-        # Work inside the tumour's bounding box only (margin for the irregular outline).
-        m = 1.25
-        box = (
-            slice(max(0, int(ci - m * radius)), min(h, int(ci + m * radius) + 2)),
-            slice(max(0, int(cj - m * radius)), min(w, int(cj + m * radius) + 2)),
-            slice(max(0, int(zc - m * hz)), min(d, int(zc + m * hz) + 2)),
-        )
-        ii = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None, None]
-        jj = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :, None]
-        kk = np.arange(box[2].start, box[2].stop, dtype=np.float32)[None, None, :]
-        dist = np.sqrt(
-            ((ii - ci) / radius) ** 2 + ((jj - cj) / radius) ** 2 + ((kk - zc) / hz) ** 2
-        )
-        dist = dist + 0.12 * smooth_noise(rng, dist.shape, 6)  # irregular outline
-        edema = (dist < 1.0) & brain[box]
-        seg_box = np.where(edema, 2, 0).astype(np.uint8)
-        if rng.random() < 0.7:  # high-grade look: enhancing ring around a necrotic core
-            core_out = rng.uniform(0.5, 0.7)
-            seg_box[edema & (dist < core_out)] = 4
-            seg_box[edema & (dist < core_out * rng.uniform(0.45, 0.7))] = 1
-        else:  # low-grade look: non-enhancing core inside oedema
-            seg_box[edema & (dist < rng.uniform(0.35, 0.55))] = 1
-        seg[box] = seg_box
+_Box = tuple[slice, slice, slice]
 
+
+def _tumour_labels(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    brain: _Brain,
+    z_extent: tuple[float, float],
+) -> tuple[_Box, np.ndarray]:
+    """The tumour's bounding box and its BraTS labels inside it (box-shaped uint8: 0, 1, 2, 4)."""
+    h, w, d = shape
+    (cu, cv), (a, b) = brain.centre, brain.axes
+    z0, z1 = z_extent
+    zc, hz = 0.5 * (z0 + z1), max(0.5 * (z1 - z0), 1.0)
+    radius = rng.uniform(0.2, 0.42) * 0.5 * h  # oedema radius in pixels
+    ang = rng.uniform(0.0, 2.0 * math.pi)
+    rad = rng.uniform(0.0, 0.45)
+    ci = (cu + rad * a * math.cos(ang) + 1.0) * 0.5 * (h - 1)
+    cj = (cv + rad * b * math.sin(ang) + 1.0) * 0.5 * (w - 1)
+    # Work inside the tumour's bounding box only (margin for the irregular outline).
+    m = 1.25
+    box = (
+        slice(max(0, int(ci - m * radius)), min(h, int(ci + m * radius) + 2)),
+        slice(max(0, int(cj - m * radius)), min(w, int(cj + m * radius) + 2)),
+        slice(max(0, int(zc - m * hz)), min(d, int(zc + m * hz) + 2)),
+    )
+    ii = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None, None]
+    jj = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :, None]
+    kk = np.arange(box[2].start, box[2].stop, dtype=np.float32)[None, None, :]
+    dist = np.sqrt(((ii - ci) / radius) ** 2 + ((jj - cj) / radius) ** 2 + ((kk - zc) / hz) ** 2)
+    dist = dist + 0.12 * smooth_noise(rng, dist.shape, 6)  # irregular outline
+    edema = (dist < 1.0) & brain.mask[box]
+    seg_box = np.where(edema, 2, 0).astype(np.uint8)
+    if rng.random() < 0.7:  # high-grade look: enhancing ring around a necrotic core
+        core_out = rng.uniform(0.5, 0.7)
+        seg_box[edema & (dist < core_out)] = 4
+        seg_box[edema & (dist < core_out * rng.uniform(0.45, 0.7))] = 1
+    else:  # low-grade look: non-enhancing core inside oedema
+        seg_box[edema & (dist < rng.uniform(0.35, 0.55))] = 1
+    return box, seg_box
+
+
+def _modality_volumes(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    fractions: tuple[np.ndarray, np.ndarray],
+    brain_mask: np.ndarray,
+    tumour: tuple[_Box, np.ndarray] | None,
+    contrast: float,
+) -> dict[str, np.ndarray]:
+    """{modality: (H, W, D) int16}: tissue intensities, the tumour (`tumour`: its box and labels,
+    pulled towards the label's intensity by `contrast`), bias field, noise, scanner units."""
+    csf_frac, gm_frac = fractions
     # Fine tissue texture times a smooth bias field (one coil: shared by the modalities).
     modulation = (1.0 + 0.03 * smooth_noise(rng, shape, 10)) * (
         1.0 + 0.08 * smooth_noise(rng, shape, 2)
@@ -179,7 +209,8 @@ def _brats_subject(
         img = csf_frac * (t[_CSF] - t[_WM])
         img += gm_frac * (t[_GM] - t[_WM])
         img += t[_WM]
-        if box is not None:
+        if tumour is not None:
+            box, seg_box = tumour
             # Tumour intensity: towards the label's intensity by `contrast`, mottled texture.
             side = min(seg_box.shape[:2])
             texture = 1.0 + 0.14 * smooth_noise(rng, seg_box.shape, max(3, side // 3))
@@ -195,9 +226,32 @@ def _brats_subject(
         img *= rng.uniform(300.0, 1500.0)  # arbitrary scanner units, as in real data
         img += 0.5  # + truncation below = rounding (values are >= 0)
         np.maximum(img, 1.0, out=img)  # > 0 everywhere in the brain: foreground = brain
-        img *= brain  # skull-stripped
+        img *= brain_mask  # skull-stripped
         volumes[mod] = img.astype(np.int16)
-    return volumes, seg
+    return volumes
+
+
+def _brats_subject(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    slice_range: tuple[int, int],
+    kind: str,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One phantom subject: ({modality: (H, W, D) int16}, seg (H, W, D) uint8)."""
+    d = shape[2]
+    brain = _brain_ellipsoid(rng, shape, slice_range)
+    fractions = _tissue_fractions(rng, shape, brain)
+    # Brain z extent, to keep "outside" tumours inside the brain.
+    zs = np.nonzero(brain.mask.any(axis=(0, 1)))[0]
+    brain_z = (int(zs[0]), int(zs[-1])) if zs.size else (0, d - 1)
+    seg = np.zeros(shape, dtype=np.uint8)
+    z_extent = _tumour_z_extent(kind, rng, slice_range, brain_z)
+    contrast = rng.uniform(0.25, 1.0)  # 1 = textbook contrast, 0.25 = subtle
+    tumour = None
+    if z_extent is not None:
+        tumour = _tumour_labels(rng, shape, brain, z_extent)
+        seg[tumour[0]] = tumour[1]
+    return _modality_volumes(rng, shape, fractions, brain.mask, tumour, contrast), seg
 
 
 def _brats_kinds(n_subjects: int, rng: np.random.Generator) -> list[str]:

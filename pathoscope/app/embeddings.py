@@ -1,6 +1,6 @@
 """`pathoscope embeddings`: a t-SNE of normal, pathological, PiEG and Gaussian embeddings of a
 trained run, and the nearest-neighbour distance ratio that says how close PiEG's lie to real
-pathology (pathoscope/app/figures/embeddings.py computes and draws them). Writes
+pathology (pathoscope/app/figures/embedding_space.py computes and draws them). Writes
 `embeddings.png` and `embeddings.json` (the ratio, its two terms, the distance to the normal set
 for scale, the set sizes) into `--out` (default: the checkpoint's folder), and prints the ratio.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pathoscope.app.figures.embeddings import (
+from pathoscope.app.figures.embedding_space import (
     LABELS,
     closeness,
     plot_embeddings,

@@ -109,8 +109,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathoscope export",
-        description="Export the folded inference graph (image [+ foreground] -> score, "
-        "anomaly_map; dynamic batch axis) with the preprocessing and tau as metadata.",
+        description="Write the folded inference graph (image [+ foreground] -> score, "
+        "anomaly_map; dynamic batch axis) as an ONNX file, with the preprocessing and tau as "
+        "metadata.",
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by pathoscope fit")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format")

@@ -210,6 +210,46 @@ def config_order(name: str) -> tuple[int, str]:
     return (1 if name.startswith("ablation/") else 2, name)
 
 
+def _set_percent(row: dict[str, Any], m: str, k: int, stat: dict[str, Any] | None) -> None:
+    """The CSV columns of metric `m` at K = `k`: mean and std in percent (None where undefined)."""
+    mean = stat.get("mean") if stat else None
+    std = stat.get("std") if stat else None
+    row[f"{m}_k{k}_mean_pct"] = None if mean is None else 100 * mean
+    row[f"{m}_k{k}_std_pct"] = None if std is None else 100 * std
+
+
+def _paper_table_rows(
+    datasets: Sequence[str], columns: Sequence[tuple[str, int]]
+) -> tuple[list[str], list[dict[str, Any]], str]:
+    """The paper's reference rows of `datasets`: (Markdown lines, CSV rows, the note below)."""
+    refs = [r for d in datasets for r in paper_rows(d)]
+    md: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for ref in refs:
+        cells = []
+        row: dict[str, Any] = {"method": ref.label, "source": f"paper {ref.source}", "repeats": 10}
+        for m, k in columns:
+            value = ref.metrics.get(m, {}).get(k)
+            cells.append("-" if value is None else f"{value:.2f}")
+            row[f"{m}_k{k}_mean_pct"] = value
+            row[f"{m}_k{k}_std_pct"] = None
+        md.append(
+            f"| {ref.label} | reference: paper {ref.source} | 10 | " + " | ".join(cells) + " |"
+        )
+        rows.append(row)
+    if refs:
+        note = (
+            "Reference rows are the paper's own numbers (10 repeats, real data), not "
+            "reproduced here."
+        )
+    else:
+        note = (
+            f"No paper reference rows for dataset(s) {', '.join(datasets)} (the paper reports "
+            "BraTS2020 and ChestXray8 only)."
+        )
+    return md, rows, note
+
+
 def build_table(
     summaries: Sequence[dict[str, Any]], paper: bool = True
 ) -> tuple[str, list[dict[str, Any]]]:
@@ -235,11 +275,7 @@ def build_table(
         )
         row: dict[str, Any] = {"method": config, "source": "ours", "repeats": repeats[-1]}
         for m, k in columns:
-            stat = per_k[k]["metrics"].get(m) if k in per_k else None
-            mean = stat.get("mean") if stat else None
-            std = stat.get("std") if stat else None
-            row[f"{m}_k{k}_mean_pct"] = None if mean is None else 100 * mean
-            row[f"{m}_k{k}_std_pct"] = None if std is None else 100 * std
+            _set_percent(row, m, k, per_k[k]["metrics"].get(m) if k in per_k else None)
         rows.append(row)
     notes = [
         "",
@@ -249,29 +285,10 @@ def build_table(
     weights = sorted({str(s.get("weights")) for s in summaries})
     notes.append(f"Backbone weights: {', '.join(_weights_note(w) for w in weights)}.")
     if paper:
-        refs = [r for d in datasets for r in paper_rows(d)]
-        for ref in refs:
-            cells = []
-            row = {"method": ref.label, "source": f"paper {ref.source}", "repeats": 10}
-            for m, k in columns:
-                value = ref.metrics.get(m, {}).get(k)
-                cells.append("-" if value is None else f"{value:.2f}")
-                row[f"{m}_k{k}_mean_pct"] = value
-                row[f"{m}_k{k}_std_pct"] = None
-            md.append(
-                f"| {ref.label} | reference: paper {ref.source} | 10 | " + " | ".join(cells) + " |"
-            )
-            rows.append(row)
-        if refs:
-            notes.append(
-                "Reference rows are the paper's own numbers (10 repeats, real data), not "
-                "reproduced here."
-            )
-        else:
-            notes.append(
-                f"No paper reference rows for dataset(s) {', '.join(datasets)} (the paper reports "
-                "BraTS2020 and ChestXray8 only)."
-            )
+        paper_md, paper_csv, note = _paper_table_rows(datasets, columns)
+        md += paper_md
+        rows += paper_csv
+        notes.append(note)
     title = f"## {', '.join(datasets)}: K = {', '.join(map(str, ks))}"
     return "\n".join([title, "", *md, *notes, ""]), rows
 
@@ -328,10 +345,7 @@ def write_grid_outputs(
             for k in ks:
                 stat = by[(combo, k)]["metrics"].get(m) if (combo, k) in by else None
                 cells.append(_pct(stat))
-                mean = stat.get("mean") if stat else None
-                std = stat.get("std") if stat else None
-                row[f"{m}_k{k}_mean_pct"] = None if mean is None else 100 * mean
-                row[f"{m}_k{k}_std_pct"] = None if std is None else 100 * std
+                _set_percent(row, m, k, stat)
         md.append("| " + " | ".join(cells) + " |")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)

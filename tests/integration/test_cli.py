@@ -5,6 +5,7 @@ a subprocess of the installed console script.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -75,7 +76,7 @@ def test_every_verb_has_help_through_the_console_script() -> None:
     "verb", ["validate", "test", "predict", "export", "bench", "embeddings", "maps"]
 )
 def test_other_verbs_have_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
-    module = cli._MODULE_VERBS.get(verb, ("",))[0]
+    module = cli.VERBS[verb].module
     if module:
         try:
             cli._load_module(module, verb)
@@ -97,9 +98,25 @@ def test_module_verbs_get_their_arguments(monkeypatch: pytest.MonkeyPatch) -> No
 def test_missing_verb_module_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(cli._MODULE_VERBS, "bench", ("benchmarks.no_such_module", "x"))
+    missing = dataclasses.replace(cli.VERBS["bench"], module="benchmarks.no_such_module")
+    monkeypatch.setitem(cli.VERBS, "bench", missing)
     assert cli.main(["bench"]) == cli.EXIT_USAGE
     assert "not available" in _one_error_line(capsys, "bench")
+
+
+def test_help_lists_every_verb_of_the_table_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pathoscope --help`, the dispatch and the front parser come from one table (cli.VERBS)."""
+    assert cli.main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [ln.split()[0] for ln in lines if ln.startswith("  ") and not ln.startswith("   ")]
+    assert listed == list(cli.VERBS)
+    front = cli._front_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(front) == {name for name, v in cli.VERBS.items() if v.handler is not None}
+    for name, verb in cli.VERBS.items():  # each verb runs one way
+        ways = [verb.group == "lightning", verb.module is not None, verb.handler is not None]
+        assert sum(ways) == 1, name
+    export = next(ln for ln in lines if ln.split()[:1] == ["export"])
+    assert "ONNX" in export and "TorchScript" not in export  # what `export` writes, only that
 
 
 def test_no_verb_and_unknown_verb(capsys: pytest.CaptureFixture[str]) -> None:

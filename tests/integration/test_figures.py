@@ -18,7 +18,7 @@ from PIL import Image
 
 from callbacks.panels import select_panels
 from pathoscope.app import cli, experiments
-from pathoscope.app.figures import embeddings, map_grid
+from pathoscope.app.figures import embedding_space, map_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
 
@@ -104,7 +104,7 @@ def test_embeddings_verb_writes_its_figure_and_number(
     assert ratio == pytest.approx(
         report["nn_pathological_to_pieg"] / report["nn_pathological_to_gaussian"]
     )
-    assert all(0 < report["points"][g] <= 60 for g in embeddings.GROUPS)
+    assert all(0 < report["points"][g] <= 60 for g in embedding_space.GROUPS)
     assert report["points"]["pieg"] == report["points"]["gaussian"]
     assert (tmp_path / "embeddings.png").stat().st_size > 1000
 
@@ -113,7 +113,7 @@ def test_nearest_neighbour_distance_by_hand() -> None:
     queries = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     points = torch.tensor([[0.0, 1.0], [3.0, 0.0], [6.0, 8.0]])
     # (0,0): nearest (0,1) at 1; (3,4): nearest (3,0) at 4 (vs (0,1) at 4.24, (6,8) at 5).
-    assert embeddings.mean_nn_distance(queries, points) == pytest.approx(2.5)
+    assert embedding_space.mean_nn_distance(queries, points) == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,27 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(
-    sizes: Sizes, sections: tuple[str, ...], data_root: str | None, command: str = ""
-) -> dict[str, Any]:
-    """Run the chosen sections; returns the bench.json content (rows included)."""
-    started = time.perf_counter()
-    info = machine()
-    torch.manual_seed(0)
-    root = brats_root(sizes, data_root)
-    dm = make_datamodule(root, sizes)
-    model = make_module(sizes).model.eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
-        model.discriminator.bn.running_var.uniform_(0.5, 2.0)
+def _run_sections(
+    sections: tuple[str, ...],
+    sizes: Sizes,
+    root: Path,
+    dm: Any,
+    model: Any,
+    progress: Callable[[str], None],
+) -> tuple[list[Row], dict[str, Any]]:
+    """(rows, raw results) of the chosen sections, in the order that lets the training step use
+    the coreset's anchors; `model`: the untrained torch model in evaluation mode."""
     folded = FoldedDetector.from_model(model)
     rows: list[Row] = []
     raw: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-
-    def progress(section: str) -> None:  # on stderr, so that a long run shows where it is
-        seconds[section] = time.perf_counter() - started
-        print(f"[bench {seconds[section]:5.0f} s] {section}", file=sys.stderr, flush=True)
-
     if "flops" in sections:
         progress("1 flops")
         r, raw["flops"] = bench_flops(model, folded, sizes)
@@ -164,6 +157,28 @@ def run(
         progress("6 a seed of brats.yaml against a seed of anchor_knn; 100 training steps")
         r, raw["seed"] = bench_seed(root, sizes)
         rows += r
+    return rows, raw
+
+
+def run(
+    sizes: Sizes, sections: tuple[str, ...], data_root: str | None, command: str = ""
+) -> dict[str, Any]:
+    """Run the chosen sections; returns the bench.json content (rows included)."""
+    started = time.perf_counter()
+    info = machine()
+    torch.manual_seed(0)
+    root = brats_root(sizes, data_root)
+    dm = make_datamodule(root, sizes)
+    model = make_module(sizes).model.eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        model.discriminator.bn.running_var.uniform_(0.5, 2.0)
+    seconds: dict[str, float] = {}
+
+    def progress(section: str) -> None:  # on stderr, so that a long run shows where it is
+        seconds[section] = time.perf_counter() - started
+        print(f"[bench {seconds[section]:5.0f} s] {section}", file=sys.stderr, flush=True)
+
+    rows, raw = _run_sections(sections, sizes, root, dm, model, progress)
     progress("done")
     rows.sort(key=lambda row: row.key[0])  # sections in number order, measurement order within
     with contextlib.suppress(OSError):

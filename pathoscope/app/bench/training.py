@@ -119,11 +119,11 @@ def check_candidate_search(
     return stats
 
 
-def bench_training(
-    sizes: Sizes, dm: Any, backbone: Any, anchors: Tensor, heldout: Tensor
-) -> tuple[list[Row], dict[str, Any]]:
-    """`backbone`: the one whose features gave `anchors` and `heldout` (random weights differ
-    between models, and the bank must live in the training model's feature space)."""
+def _paired_modules(
+    sizes: Sizes, backbone: Any, anchors: Tensor, heldout: Tensor
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({name: torch model}, {name: optimiser}) of the full model and the GLASS-style baseline,
+    in training mode, with the same weights and the same bank."""
     torch.manual_seed(0)
     modules = {
         "pathoscope": make_module(sizes),
@@ -141,7 +141,14 @@ def bench_training(
     optimizers = {name: m.configure_optimizers() for name, m in modules.items()}
     for m in models.values():
         m.train()
-    batch = next(iter(dm.train_dataloader()))
+    return models, optimizers
+
+
+def _timed_steps(
+    models: dict[str, Any], optimizers: dict[str, Any], batch: dict[str, Tensor], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """Interleaved training steps: ({name: seconds per step}, {name: per step, the seconds of
+    each instrumented part and the total}), the warm-up step left out."""
     timers = Timers()
     shares: dict[str, list[dict[str, float]]] = {name: [] for name in models}
 
@@ -155,25 +162,15 @@ def bench_training(
         return run
 
     with instrumented(timers):
-        times = interleaved({name: step(name) for name in models}, sizes.train_rounds)
-    for name in shares:  # drop the warm-up step
-        shares[name] = shares[name][1:]
-    ratios = paired_ratios(times["pathoscope"], times["glass_baseline"])
-    med, spread = median_spread(ratios)
-    rows = [
-        Row(
-            "3a",
-            f"train step B={sizes.train_batch}, T={sizes.pieg_steps}, A={len(full.bank)}: full / GLASS-style",
-            med,
-            "x",
-            spread,
-            f"<= {TRAIN_RATIO_TARGET}",
-            med <= TRAIN_RATIO_TARGET,
-        ),
-    ]
-    for name in models:
-        m, sp = median_spread(times[name])
-        rows.append(Row("3.", f"seconds per step: {name}", m, "s", sp))
+        times = interleaved({name: step(name) for name in models}, rounds)
+    return times, {name: per_step[1:] for name, per_step in shares.items()}
+
+
+def _share_rows(
+    shares: dict[str, list[dict[str, float]]],
+) -> tuple[list[Row], dict[str, dict[str, float]], dict[str, float]]:
+    """Rows 3b and the baseline's split: (rows, median seconds of each part per model, the full
+    step's shares)."""
     parts = ("backbone", "pieg", "search", "search_in_pieg", "total")
     med_s = {
         name: {p: statistics.median(s.get(p, 0.0) for s in per_step) for p in parts}
@@ -190,27 +187,32 @@ def bench_training(
     }
     split["rest"] = f["total"] - sum(split.values())
     share = {k: v / f["total"] for k, v in split.items()}
-    rows.append(
+    rows = [
         Row(
             "3b",
             "full step: backbone / PiEG D passes / PiEG global term / anchor search / rest",
             None,
             " / ".join(f"{v:.0%}" for v in share.values()),
-        )
-    )
-    rows.append(
+        ),
         Row(
             "3.",
             "baseline step: backbone / PiEG D passes / rest",
             None,
             f"{g['backbone'] / g['total']:.0%} / {g['pieg'] / g['total']:.0%} / "
             f"{1 - (g['backbone'] + g['pieg']) / g['total']:.0%}",
-        )
-    )
+        ),
+    ]
+    return rows, med_s, share
+
+
+def _candidate_rows(model: Any, batch: dict[str, Tensor]) -> tuple[list[Row], dict[str, Any]]:
+    """Rows 3c and 3d: the candidate search against the exact search, PiEG as configured and with
+    eta and noise / 10; (rows, the checks)."""
     checks = {
-        "as configured": check_candidate_search(full, batch),
-        "eta, noise / 10": check_candidate_search(full, batch, step_scale=0.1),
+        "as configured": check_candidate_search(model, batch),
+        "eta, noise / 10": check_candidate_search(model, batch, step_scale=0.1),
     }
+    rows = []
     for key, (regime, check) in zip(("3c", "3d"), checks.items(), strict=True):
         queries = max(1, check["queries"])
         rows.append(
@@ -231,8 +233,38 @@ def bench_training(
                 f"x; {check['fallbacks'] / queries:.1%}; {check['searched_rows'] / queries:.1%}",
             )
         )
+    return rows, checks
+
+
+def bench_training(
+    sizes: Sizes, dm: Any, backbone: Any, anchors: Tensor, heldout: Tensor
+) -> tuple[list[Row], dict[str, Any]]:
+    """`backbone`: the one whose features gave `anchors` and `heldout` (random weights differ
+    between models, and the bank must live in the training model's feature space)."""
+    models, optimizers = _paired_modules(sizes, backbone, anchors, heldout)
+    full = models["pathoscope"]
+    batch = next(iter(dm.train_dataloader()))
+    times, shares = _timed_steps(models, optimizers, batch, sizes.train_rounds)
+    ratios = paired_ratios(times["pathoscope"], times["glass_baseline"])
+    med, spread = median_spread(ratios)
+    rows = [
+        Row(
+            "3a",
+            f"train step B={sizes.train_batch}, T={sizes.pieg_steps}, A={len(full.bank)}: full / GLASS-style",
+            med,
+            "x",
+            spread,
+            f"<= {TRAIN_RATIO_TARGET}",
+            med <= TRAIN_RATIO_TARGET,
+        ),
+    ]
+    for name in models:
+        m, sp = median_spread(times[name])
+        rows.append(Row("3.", f"seconds per step: {name}", m, "s", sp))
+    share_rows, med_s, share = _share_rows(shares)
+    check_rows, checks = _candidate_rows(full, batch)
     search_rows, search_raw = bench_search_calls(full, batch)
-    rows += search_rows
+    rows += share_rows + check_rows + search_rows
     raw = {
         "seconds_per_step": times,
         "ratios": ratios,

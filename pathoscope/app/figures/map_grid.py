@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,62 @@ def _resized(array: np.ndarray, size: int, mode: str) -> np.ndarray:
     return t[0, 0].numpy()
 
 
+def _row_of(predictions: dict[str, np.ndarray]) -> dict[tuple[str, int], int]:
+    """{(subject, slice): its index in the predictions}."""
+    return {
+        (str(s), int(k)): n
+        for n, (s, k) in enumerate(zip(predictions["subject"], predictions["slice"], strict=True))
+    }
+
+
+def _draw_images(
+    axes: Sequence[Any],
+    slices: Sequence[tuple[str, int]],
+    greys: dict[tuple[str, int], np.ndarray],
+    reference: dict[str, np.ndarray],
+) -> None:
+    """The first row: each image (`greys`: (S, S) by (subject, slice), S the cells' size) with its
+    gt_mask (from the `reference` predictions) outlined."""
+    from data_modules.visualize import draw_outline
+
+    size = next(iter(greys.values())).shape[-1]
+    where = _row_of(reference)
+    for j, key in enumerate(slices):
+        gt = _resized(reference["gt_masks"][where[key]], size, "nearest") > 0.5
+        rgb = (np.repeat(greys[key][..., None], 3, axis=2).clip(0, 1) * 255).astype(np.uint8)
+        axes[j].imshow(draw_outline(rgb, gt))
+        label = "normal" if not gt.any() else f"lesion {int(gt.sum())} px"
+        axes[j].set_title(f"{key[0]}\nslice {key[1]}, {label}", fontsize=7)
+    axes[0].set_ylabel("image + gt_mask", fontsize=8)
+
+
+def _draw_run(
+    axes: Sequence[Any],
+    run: Run,
+    slices: Sequence[tuple[str, int]],
+    greys: dict[tuple[str, int], np.ndarray],
+) -> None:
+    """One run's row: its maps blended over `greys` (as in _draw_images) in its own value range."""
+    from callbacks.visualization import colour_map
+    from data_modules.visualize import draw_outline
+
+    size = next(iter(greys.values())).shape[-1]
+    p = run.predictions
+    rows = _row_of(p)
+    value_range = (float(p["maps"].min()), float(p["maps"].max()))
+    for j, key in enumerate(slices):
+        ax = axes[j]
+        if key not in rows:
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", fontsize=7)
+            continue
+        amap = _resized(p["maps"][rows[key]], size, "bilinear")
+        gt = _resized(p["gt_masks"][rows[key]], size, "nearest") > 0.5
+        grey = np.repeat(greys[key][..., None], 3, axis=2) * 255.0
+        blended = (0.5 * grey + 0.5 * colour_map(amap, value_range) + 0.5).astype(np.uint8)
+        ax.imshow(draw_outline(blended, gt))
+    axes[0].set_ylabel(f"{run.config}\nK={run.shots}", fontsize=8)
+
+
 def draw_grid(
     runs: Sequence[Run],
     slices: Sequence[tuple[str, int]],
@@ -65,15 +122,7 @@ def draw_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from callbacks.visualization import colour_map
-    from data_modules.visualize import draw_outline
-
     size = max(int(r.predictions["maps"].shape[-1]) for r in runs)
-    reference = runs[0].predictions
-    where = {
-        (str(s), int(k)): i
-        for i, (s, k) in enumerate(zip(reference["subject"], reference["slice"], strict=True))
-    }
     cell = 1.7
     fig, axes = plt.subplots(
         len(runs) + 1,
@@ -82,31 +131,9 @@ def draw_grid(
         squeeze=False,
     )
     greys = {key: _resized(images[key], size, "area") for key in slices}
-    for j, key in enumerate(slices):
-        gt = _resized(reference["gt_masks"][where[key]], size, "nearest") > 0.5
-        rgb = (np.repeat(greys[key][..., None], 3, axis=2).clip(0, 1) * 255).astype(np.uint8)
-        axes[0, j].imshow(draw_outline(rgb, gt))
-        label = "normal" if not gt.any() else f"lesion {int(gt.sum())} px"
-        axes[0, j].set_title(f"{key[0]}\nslice {key[1]}, {label}", fontsize=7)
-    axes[0, 0].set_ylabel("image + gt_mask", fontsize=8)
+    _draw_images(axes[0], slices, greys, runs[0].predictions)
     for i, run in enumerate(runs, 1):
-        p = run.predictions
-        rows = {
-            (str(s), int(k)): n
-            for n, (s, k) in enumerate(zip(p["subject"], p["slice"], strict=True))
-        }
-        value_range = (float(p["maps"].min()), float(p["maps"].max()))
-        for j, key in enumerate(slices):
-            ax = axes[i, j]
-            if key not in rows:
-                ax.text(0.5, 0.5, "not in this run", ha="center", va="center", fontsize=7)
-                continue
-            amap = _resized(p["maps"][rows[key]], size, "bilinear")
-            gt = _resized(p["gt_masks"][rows[key]], size, "nearest") > 0.5
-            grey = np.repeat(greys[key][..., None], 3, axis=2) * 255.0
-            blended = (0.5 * grey + 0.5 * colour_map(amap, value_range) + 0.5).astype(np.uint8)
-            ax.imshow(draw_outline(blended, gt))
-        axes[i, 0].set_ylabel(f"{run.config}\nK={run.shots}", fontsize=8)
+        _draw_run(axes[i], run, slices, greys)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

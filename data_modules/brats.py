@@ -65,7 +65,7 @@ from data_modules.common import (
     FewShotDataModule,
     Sample,
     Split,
-    check_ranges,
+    check_arguments,
     choose_test_pool,
     rank_key,
     select_loading,
@@ -152,7 +152,7 @@ class BraTSDataModule(FewShotDataModule):
         if not 0 <= lo <= hi:
             raise ValueError(f"slice_range must be (lo, hi) with 0 <= lo <= hi, got {slice_range}")
         self.slice_range = (lo, hi)
-        check_ranges(
+        check_arguments(
             {
                 "n_test_healthy": (n_test_healthy, "[0, inf)"),
                 "n_test_tumorous": (n_test_tumorous, "[0, inf)"),

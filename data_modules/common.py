@@ -48,10 +48,6 @@ def check_arguments(arguments: dict[str, tuple[object, str]]) -> None:
         check_range(name, value, interval)
 
 
-# The former name, which brats.py still imports; to be removed once brats.py says check_arguments.
-check_ranges = check_arguments
-
-
 @dataclass
 class Sample:
     """One preprocessed image at the network resolution (S = image_size)."""

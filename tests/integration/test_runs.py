@@ -361,7 +361,9 @@ def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(
         assert proc.returncode == 0, proc.stderr[-3000:]
     with_ddp = json.loads((folder / "metrics.json").read_text())
     ckpt = torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2 and math.isfinite(float(ckpt["state_dict"]["model.threshold.tau"]))
+    assert ckpt["global_step"] == 2 and math.isfinite(
+        float(ckpt["state_dict"]["model.threshold.tau"])
+    )
     # 9 test items on 2 ranks: DistributedSampler pads to 10; the duplicate is removed.
     index = np.load(folder / "predictions.npz")["index"]
     assert sorted(index.tolist()) == list(range(9))

@@ -130,7 +130,9 @@ def test_checkpoint_stores_plain_grouped_hyperparameters(fitted: tuple) -> None:
     assert set(hparams) == {"network", "pieg", "losses", "bank", "scoring", "optim"}
     assert hparams["pieg"]["steps"] == 2 and hparams["pieg"]["direction"] == "descent"
     assert data["pathoscope"]["version"] == CHECKPOINT_VERSION == 2
-    assert "model.bank.anchors" in data["state_dict"] and "model.threshold.tau" in data["state_dict"]
+    assert (
+        "model.bank.anchors" in data["state_dict"] and "model.threshold.tau" in data["state_dict"]
+    )
 
 
 @pytest.mark.parametrize("version", [1, 999])

@@ -16,7 +16,9 @@ earlier ones), any key overridable (`--model.pieg.eta 0.02`, `--data.shots 4`,
                   .export, .bench.run, .embeddings, .maps)
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
-line on stderr and exit status 2, never a traceback.
+line on stderr and exit status 2, never a traceback. Exit statuses, the same for every verb
+(pathoscope/exit_codes.py): 0 done (also "nothing left to do"), 2 usage or input error,
+3 done with some inputs skipped (a line names them), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pathoscope.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+
 FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
-EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "main"]
 
 _HELP = """\
 usage: pathoscope <verb> [options]   (pathoscope <verb> --help for each verb)
@@ -425,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"pathoscope {verb}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
         err = _reason(err)
         if not isinstance(err, _error_types()) and not _is_argument_error(err):

@@ -303,6 +303,30 @@ def test_checkpoint_errors_of_test_are_one_line_and_touch_no_run_folder(
     assert (run / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
 
 
+def test_a_random_file_named_ckpt_is_the_same_error_for_every_verb(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`test`, `predict` and `export` answer a file that is no checkpoint alike: exit 2 (a usage
+    or input error), one line naming the file, never torch's weights_only advice, nothing
+    written."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "random.ckpt"
+    ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
+    verbs = {
+        "test": [*dataset_configs("brats"), *tiny_overrides("brats", brats_root)],
+        "predict": ["--input", str(brats_root), "--output", str(tmp_path / "maps")],
+        "export": ["--output", str(tmp_path / "model.onnx")],
+    }
+    for verb, args in verbs.items():
+        assert cli.main([verb, f"--ckpt_path={ckpt}", *args]) == cli.EXIT_USAGE, verb
+        err = _one_error_line(capsys, verb)
+        assert f"{ckpt}: not a readable checkpoint" in err and "weights_only" not in err, verb
+    assert [p.name for p in tmp_path.iterdir()] == ["random.ckpt"]
+
+
 def test_table_of_a_missing_folder_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

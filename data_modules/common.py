@@ -245,6 +245,7 @@ class FewShotDataModule(L.LightningDataModule):
     """Base of the few-shot data modules: datasets, loaders, validation split, anchor images."""
 
     dataset_name = "base"
+    input_kind = "subject"  # one input of the data root: a BraTS subject, a ChestX-ray8 image
 
     def __init__(
         self,
@@ -289,6 +290,20 @@ class FewShotDataModule(L.LightningDataModule):
         )
         self._split: Split | None = None
         self._val_samples: list[Sample] = []
+        self.skipped: dict[str, str] = {}  # bad inputs left out of the split -> the reason
+
+    def _skip(self, name: str, err: DataError, strict: bool) -> None:
+        """Leave out the bad input `name`: its DataError under `strict`, else a warning, and the
+        reason recorded in `skipped`."""
+        if strict:
+            raise err
+        log.warning("skipping %s %s: %s", self.dataset_name, self.input_kind, err)
+        self.skipped[name] = str(err)
+
+    @property
+    def skipped_key(self) -> str:
+        """The key of the split's info (and of metrics.json) holding `skipped`."""
+        return f"skipped_{self.input_kind}s"
 
     # --------------------------------------------------------------- subclass interface
     @abstractmethod
@@ -310,14 +325,17 @@ class FewShotDataModule(L.LightningDataModule):
         self._split = split
         self._val_samples = self._validation_samples(split)
         log.info(
-            "%s: %d training subjects %s, %d validation items, %d test items %s",
+            "%s: %d training subjects %s, %d validation items, %d test items %s, %d %ss skipped",
             self.dataset_name,
             len(split.train),
             split.train_subjects,
             len(self._val_samples),
             len(split.test),
             split.info,
+            len(self.skipped),
+            self.input_kind,
         )
+        split.info[self.skipped_key] = dict(sorted(self.skipped.items()))
 
     @property
     def split(self) -> Split:

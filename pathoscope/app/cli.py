@@ -32,7 +32,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pathoscope.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+from pathoscope.exit_codes import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    partial_exit,
+)
 
 FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "main"]
@@ -88,8 +94,16 @@ def _error_types() -> tuple[type[BaseException], ...]:
 def _run_lightning(argv: list[str]) -> int:
     from pathoscope.app.lightning_cli import lightning_cli  # lazy: torch and Lightning are slow
 
-    lightning_cli(argv, run=True)
-    return 0
+    cli = lightning_cli(argv, run=True)
+    where = "metrics.json and the warnings above" if argv[0] == "test" else "the warnings above"
+    return _skipped_exit(argv[0], cli.datamodule, where)
+
+
+def _skipped_exit(verb: str, datamodule: Any, where: str) -> int:
+    """EXIT_PARTIAL, with a line naming them, when the data module left inputs out; else EXIT_OK."""
+    skipped = getattr(datamodule, "skipped", None) or {}
+    kind = getattr(datamodule, "input_kind", "input")
+    return partial_exit(verb, skipped, f"{kind}(s)", where)
 
 
 # ------------------------------------------------------------------------------- front verbs
@@ -146,9 +160,9 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     base = train(config_name=args.config_name, **common)
     print((base / "summary.md").read_text())
     choice = dataset_choices().get(args.dataset)
-    if args.config_name.removesuffix(".yaml") != DEFAULT_CONFIG or choice is None:
-        return 0
     folders = [base]
+    if args.config_name.removesuffix(".yaml") != DEFAULT_CONFIG or choice is None:
+        return _summaries_exit("train", folders)
     for config in choice.compare_with:
         # A baseline that trains nothing (trainer.max_steps: 0 in its file) keeps its 0 steps.
         untrained = (yaml.safe_load(config_files(args.dataset, config)[-1].read_text()) or {}).get(
@@ -160,7 +174,20 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if len(folders) > 1:  # the method beside its baselines on the same data and seeds
         summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
         print(build_table(summaries, paper=False)[0])
-    return 0
+    return _summaries_exit("train", folders)
+
+
+def _summaries_exit(verb: str, folders: list[Path]) -> int:
+    """EXIT_PARTIAL, with a line naming them, when the summaries in `folders` record inputs of
+    the data root that the runs were made without; else EXIT_OK."""
+    import json
+
+    from pathoscope.app.reporting import skipped_inputs
+
+    skipped = skipped_inputs([json.loads((f / "summary.json").read_text()) for f in folders])
+    names = {name: why for group in skipped.values() for name, why in group.items()}
+    kind = next(iter(skipped), "skipped_inputs").removeprefix("skipped_")
+    return partial_exit(verb, names, kind, "summary.md and summary.json")
 
 
 def _cmd_table(args: argparse.Namespace, extra: list[str]) -> int:
@@ -184,7 +211,7 @@ def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
         data_root = str(dataset_root(args.dataset, data_root))
     elif not configs:
         raise ValueError("give --dataset (with --config-name) or --config files")
-    out = grid(
+    folders = grid(
         configs=configs,
         params=args.param,
         shots=parse_int_list(args.shots, "--shots"),
@@ -196,13 +223,13 @@ def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
         overrides=extra,
         overwrite=args.overwrite,
     )
-    print((out / "grid.md").read_text())
-    return 0
+    print((Path(args.out) / "grid.md").read_text())
+    return _summaries_exit("grid", folders)
 
 
 def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
     from pathoscope.app.experiments import sweep_run
-    from pathoscope.app.reporting import format_metrics
+    from pathoscope.app.reporting import format_metrics, skipped_inputs
 
     metrics = sweep_run(
         configs=args.config,
@@ -213,7 +240,8 @@ def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
         overrides=extra,
     )
     print(format_metrics(metrics))
-    return 0
+    names = {n: why for group in skipped_inputs([metrics]).values() for n, why in group.items()}
+    return partial_exit("sweep-run", names, "input(s)", "metrics.json")
 
 
 def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:

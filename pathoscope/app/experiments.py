@@ -307,9 +307,10 @@ def grid(
     max_steps: int | None = None,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
-) -> Path:
+) -> list[Path]:
     """Every combination of the --param values x shots x seeds; grid.md/.csv and plots in `out`.
-    Finished runs are never replaced unless `overwrite` (ValueError before any run)."""
+    Finished runs are never replaced unless `overwrite` (ValueError before any run). Returns the
+    folders of the combinations' summaries."""
     parsed = [parse_param(p) for p in params]
     if any(k < 1 for k in shots):
         raise ValueError(f"--shots must be >= 1, got {list(shots)}")
@@ -356,7 +357,7 @@ def grid(
             write_summary(folder, summary)
             results.append((combo, k, summary))
     write_grid_outputs(out, [key for key, _ in parsed], results)
-    return out
+    return [out / _combo_name(combo) / f"k{k}" for combo, k, _ in results]
 
 
 # ------------------------------------------------------------------------------- sweeps

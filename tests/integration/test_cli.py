@@ -409,7 +409,12 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
     train += ["--repeats", "2", "--runs", str(runs), "--max-steps", "2", *tiny]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Done, without the set's subject 020 (misnamed segmentation): exit 3 and a line naming it.
+    assert proc.returncode == cli.EXIT_PARTIAL, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "pathoscope train: done, but 1 subject(s) skipped: BraTS20_Training_020 (the reasons are "
+        "in summary.md and summary.json; exit status 3)"
+    )
     assert "| pathoscope | 2 |" in proc.stdout  # the summary table is printed
 
     base = runs / "brats" / "pathoscope" / "k2"
@@ -430,6 +435,10 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
         per_seed.append(json.loads((folder / "metrics.json").read_text()))
     summary = json.loads((base / "summary.json").read_text())
     assert summary["dataset"] == "brats" and summary["config"] == "pathoscope"
+    for record in (summary, *per_seed):  # where results are read: the subject and why
+        (reason,) = record["skipped_subjects"].values()
+        assert list(record["skipped_subjects"]) == ["BraTS20_Training_020"]
+        assert "BraTS20_Training_020_seg.nii.gz: missing" in reason
     assert summary["shots"] == 2 and summary["repeats"] == 2 and summary["weights"] == "random"
     a, b = (m["image_auroc"] for m in per_seed)
     stat = summary["metrics"]["image_auroc"]
@@ -438,6 +447,8 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
     assert stat["std"] == pytest.approx(abs(a - b) / np.sqrt(2))  # sample std of two values
     md = (base / "summary.md").read_text()
     assert "Checkpoint reported: last" in md and "Backbone weights: random" in md
+    assert "Made without 1 of the data root's subjects, which could not be used" in md
+    assert md.count("BraTS20_Training_020") == 1
     for seed in (0, 1):  # each seed's panel overview and training curves, linked
         assert f"](seed{seed}/panels/overview.png)" in md
         assert f"](seed{seed}/training_curves.png)" in md

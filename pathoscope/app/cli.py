@@ -92,9 +92,11 @@ def _error_types() -> tuple[type[BaseException], ...]:
 
 # ------------------------------------------------------------------------------- LightningCLI
 def _run_lightning(argv: list[str]) -> int:
-    from pathoscope.app.lightning_cli import lightning_cli  # lazy: torch and Lightning are slow
+    # lazy: torch and Lightning are slow
+    from pathoscope.app.lightning_cli import lightning_cli, our_interrupts
 
-    cli = lightning_cli(argv, run=True)
+    with our_interrupts():
+        cli = lightning_cli(argv, run=True)
     where = "metrics.json and the warnings above" if argv[0] == "test" else "the warnings above"
     return _skipped_exit(argv[0], cli.datamodule, where)
 
@@ -455,8 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, extra))
     except SystemExit as exc:  # argparse / jsonargparse --help and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    except KeyboardInterrupt:
-        print(f"pathoscope {verb}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = f": {exc}" if str(exc) else ""
+        print(f"pathoscope {verb}: interrupted{why}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         err = _reason(err)

@@ -175,12 +175,14 @@ def _fake_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, list[str]]]:
     return calls
 
 
-def test_train_never_replaces_finished_seeds_without_overwrite(
+def test_train_refuses_a_finished_seed_it_cannot_check_without_overwrite(
     brats_root: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """A seed folder without the config.yaml that says what made it is never kept or redone
+    silently: refused before any seed runs, replaced with --overwrite."""
     base = tmp_path / "runs" / "brats" / "pathoscope" / "k2"
     (base / "seed1").mkdir(parents=True)
     (base / "seed1" / "metrics.json").write_text('{"image_auroc": 0.9}\n')
@@ -190,7 +192,7 @@ def test_train_never_replaces_finished_seeds_without_overwrite(
     args += ["--runs", str(tmp_path / "runs")]
     assert cli.main(args) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip()
-    assert f"{base / 'seed1'}: a finished run is there" in err and "--overwrite" in err
+    assert f"{base / 'seed1'}: a finished run without config.yaml" in err and "--overwrite" in err
     assert "\n" not in err and calls == []  # refused before any seed ran
     assert (base / "seed1" / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
     assert (base / "summary.json").read_text() == "{}\n"
@@ -390,3 +392,77 @@ def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(
     single = _test(brats_root, folder / "ckpt" / "last.ckpt", tmp_path / "single")
     for key in ("image_auroc", "pixel_auroc", "pro", "dice_best", "tau", "sensitivity"):
         assert with_ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+# ------------------------------------------------------------------------------- train, again
+def _files(folder: Path) -> dict[Path, tuple[bytes, int]]:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_interrupted_repeats_are_finished_by_the_same_command(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C inside seed 1's fit of `train --repeats 3`: our one line, exit 130, seed 0 kept and
+    nothing of seed 1. The same command then runs seeds 1 and 2 only, leaves every file of seed 0
+    as it was, and summary.md covers the three seeds; with another setting it is refused, naming
+    the setting, before any seed runs."""
+    import signal
+
+    from pathoscope.lightning_model import PathoScope
+
+    runs = tmp_path / "runs"
+    tiny = [a for a in tiny_overrides("brats", brats_root) if not a.startswith("--data.root")]
+    args = ["train", "--dataset", "brats", "--data-root", str(brats_root), "--repeats", "3"]
+    args += ["--runs", str(runs), *tiny]
+    base = runs / "brats" / "pathoscope" / "k2"
+    real_step = PathoScope.training_step
+
+    def ctrl_c_in_seed_1(self: PathoScope, *a: Any, **kw: Any) -> Any:
+        if self.trainer.datamodule.seed == 1:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(PathoScope, "training_step", ctrl_c_in_seed_1)
+    handler = signal.getsignal(signal.SIGINT)
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capfd.readouterr().err
+    assert "Detected KeyboardInterrupt" not in err + caplog.text  # Lightning's notice
+    assert [ln for ln in err.splitlines() if ln.startswith("pathoscope train")] == [
+        "pathoscope train: interrupted: seed 1 was not finished and is removed; the same command "
+        "keeps the finished seeds and runs the others"
+    ]
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning had set SIGINT to be ignored
+    assert sorted(p.name for p in base.iterdir()) == ["seed0"]
+    seed0 = _files(base / "seed0")
+
+    monkeypatch.setattr(PathoScope, "training_step", real_step)
+    ran: list[int] = []
+    real_run = experiments.run_one
+
+    def recorded(configs: Any, run_dir: Path, seed: int, *a: Any, **kw: Any) -> dict[str, Any]:
+        ran.append(seed)
+        return real_run(configs, run_dir, seed, *a, **kw)
+
+    monkeypatch.setattr(experiments, "run_one", recorded)
+    assert cli.main(args) == cli.EXIT_PARTIAL  # done; the data root's subject 020 is skipped
+    assert ran == [1, 2]
+    assert "seed 0: finished before, kept ==" in capfd.readouterr().out
+    assert _files(base / "seed0") == seed0
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["repeats"] == 3 and len(summary["metrics"]["image_auroc"]["values"]) == 3
+    assert (
+        json.loads((base / "seed0" / "metrics.json").read_text())["image_auroc"]
+        == (summary["metrics"]["image_auroc"]["values"][0])
+    )
+    assert "over 3 seeds (0..2)" in (base / "summary.md").read_text()
+
+    assert cli.main([*args, "--max-steps", "3"]) == cli.EXIT_USAGE
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"pathoscope train: error: {base / 'seed0'}: a finished run with other")
+    assert "(trainer.max_steps differs from this command's)" in err and "--overwrite" in err
+    assert ran == [1, 2] and _files(base / "seed0") == seed0

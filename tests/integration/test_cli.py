@@ -198,6 +198,8 @@ def test_checkpoint_of_an_old_version_is_one_line(
         ("--model.network.hidden_dim=0", "network.hidden_dim must be >= 1, got 0"),
         ("--data.shots=0", "shots must be >= 1, got 0"),
         ("--data.seed=-1", "seed must be >= 0, got -1"),
+        ("--data.image_size=7", "image_size (--data.image_size) must be an integer in [8, 1024]"),
+        ("--data.image_size=100000", "(--data.image_size) must be an integer in [8, 1024], got 1"),
         ("--trainer.max_steps=-5", "`max_steps` must be a non-negative integer or -1"),
     ],
 )

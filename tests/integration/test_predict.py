@@ -522,6 +522,20 @@ def test_non_square_image_is_warned_and_rows_follow_replaced_outputs(
     assert np.asarray(Image.open(out / "x_overlay.png")).shape == (64, 2 * 96, 3)
 
 
+def test_tiny_image_is_warned(ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 1 x 1 PNG is scored (enlarged to the network size, as any image) with a warning that
+    says the map shows the enlargement; an image of the network size is not warned about."""
+    chest = _variant(ckpt, tmp_path / "chest.ckpt", preprocessing={"dataset": "chestxray8"})
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((1, 1), 128, np.uint8)).save(inputs / "dot.png")
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(inputs / "full.png")
+    assert main(_cli(chest, inputs, tmp_path / "out")) == EXIT_OK
+    tiny = [r.getMessage() for r in caplog.records if "is tiny" in r.getMessage()]
+    assert len(tiny) == 1 and tiny[0].startswith(f"{inputs / 'dot.png'}: 1 x 1 pixels"), tiny
+    assert "at least 8 px" in tiny[0]
+
+
 # ----------------------------------------------------------------------------- interruptions
 def _subject_copies(brats_root: Path, folder: Path, n: int) -> dict[str, str]:
     """n volumes named v00.nii.gz ... in `folder`, copies of the tumour subjects in turn;

@@ -32,13 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pathoscope.exit_codes import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_USAGE,
-    partial_exit,
-)
+from pathoscope.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, partial_exit
 
 FIT_VERBS = ("fit", "validate", "test")  # the LightningCLI verbs (its `predict` is ours)
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "main"]
@@ -180,16 +174,22 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _summaries_exit(verb: str, folders: list[Path]) -> int:
-    """EXIT_PARTIAL, with a line naming them, when the summaries in `folders` record inputs of
-    the data root that the runs were made without; else EXIT_OK."""
+    """_records_exit of the summaries in `folders`."""
     import json
 
+    summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
+    return _records_exit(verb, summaries, "summary.md and summary.json")
+
+
+def _records_exit(verb: str, records: list[dict[str, Any]], where: str) -> int:
+    """EXIT_PARTIAL, with a line naming them, when `records` (summary.json / metrics.json
+    contents) hold inputs of the data root that the runs were made without; else EXIT_OK."""
     from pathoscope.app.reporting import skipped_inputs
 
-    skipped = skipped_inputs([json.loads((f / "summary.json").read_text()) for f in folders])
+    skipped = skipped_inputs(records)
     names = {name: why for group in skipped.values() for name, why in group.items()}
-    kind = next(iter(skipped), "skipped_inputs").removeprefix("skipped_")
-    return partial_exit(verb, names, kind, "summary.md and summary.json")
+    kind = next(iter(skipped), "skipped_inputs").removeprefix("skipped_").removesuffix("s")
+    return partial_exit(verb, names, f"{kind}(s)", where)
 
 
 def _cmd_table(args: argparse.Namespace, extra: list[str]) -> int:
@@ -231,7 +231,7 @@ def _cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
     from pathoscope.app.experiments import sweep_run
-    from pathoscope.app.reporting import format_metrics, skipped_inputs
+    from pathoscope.app.reporting import format_metrics
 
     metrics = sweep_run(
         configs=args.config,
@@ -242,8 +242,7 @@ def _cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
         overrides=extra,
     )
     print(format_metrics(metrics))
-    names = {n: why for group in skipped_inputs([metrics]).values() for n, why in group.items()}
-    return partial_exit("sweep-run", names, "input(s)", "metrics.json")
+    return _records_exit("sweep-run", [metrics], "metrics.json")
 
 
 def _cmd_make_demo_data(args: argparse.Namespace, extra: list[str]) -> int:

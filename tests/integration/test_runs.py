@@ -466,3 +466,32 @@ def test_interrupted_repeats_are_finished_by_the_same_command(
     assert err.startswith(f"pathoscope train: error: {base / 'seed0'}: a finished run with other")
     assert "(trainer.max_steps differs from this command's)" in err and "--overwrite" in err
     assert ran == [1, 2] and _files(base / "seed0") == seed0
+
+
+def test_ctrl_c_inside_fit_ends_with_our_line(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`pathoscope fit` interrupted in its first step: exit 130 with one line of ours, not
+    Lightning's shutdown notice and exit 1, and Ctrl-C works again afterwards."""
+    import signal
+
+    from pathoscope.lightning_model import PathoScope
+
+    def ctrl_c(self: PathoScope, *a: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PathoScope, "training_step", ctrl_c)
+    args = ["fit", *dataset_configs("brats"), *tiny_overrides("brats", brats_root)]
+    args += [f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path / 'c'}"]
+    handler = signal.getsignal(signal.SIGINT)
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capfd.readouterr().err
+    assert "Detected KeyboardInterrupt" not in err + caplog.text
+    assert [ln for ln in err.splitlines() if ln.startswith("pathoscope fit")] == [
+        "pathoscope fit: interrupted"
+    ]
+    assert signal.getsignal(signal.SIGINT) is handler

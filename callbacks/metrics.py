@@ -7,9 +7,11 @@ number of items, never by the input resolution. At epoch end it gathers the item
 rank, removes the duplicates that DistributedSampler pads with (same `index`), and computes:
 
 * validation: tau = the `pl_module.tau_quantile` quantile of the NORMAL validation scores,
-  stored by `pl_module.threshold` (`ImageThreshold`: a buffer, so checkpoints carry it); `val/<metric>` is logged.
+  stored by `pl_module.threshold` (`ImageThreshold`: a buffer, so checkpoints carry it);
+  `val/<metric>` is logged.
 * test: the stored tau is used as it is; `test/<metric>` is logged, and `metrics.json` (every key
-  of docs/metrics.md) plus, with `save_predictions=True`, `predictions.npz` are written.
+  of docs/metrics.md, with the inputs the data module skipped and why) plus, with
+  `save_predictions=True`, `predictions.npz` are written.
 
 Pixel metrics use the items with a pixel-level gt_mask (`has_mask`) plus the normal items, and
 are null when those hold no anomalous pixel. tau sees no anomalous data and is biased low: the
@@ -364,6 +366,7 @@ class AnomalyMetrics(Callback):
             "eval_size": eval_size,
             "weights": getattr(pl_module, "weights_tag", None),
             "checkpoint": "last",  # never a checkpoint selected on test labels
+            **_skipped_inputs(trainer),
         }
         self.metrics["test"] = report
         out_dir = resolve_output_dir(trainer, self.output_dir)  # on every rank (collective)
@@ -402,6 +405,14 @@ class AnomalyMetrics(Callback):
             # Every rank holds the same gathered values; syncing them changes nothing.
             pl_module.log_dict(logged, sync_dist=True)
         return metrics
+
+
+def _skipped_inputs(trainer: L.Trainer) -> dict[str, dict[str, str]]:
+    """{"skipped_subjects" (or "_images"): {name: reason}} of the data module's split: the bad
+    inputs of the data root that the results were made without ({} for a plain data module)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    skipped = getattr(datamodule, "skipped", None)
+    return {} if skipped is None else {datamodule.skipped_key: dict(sorted(skipped.items()))}
 
 
 def _threshold(pl_module: L.LightningModule) -> ImageThreshold:

@@ -219,7 +219,7 @@ class BraTSDataModule(FewShotDataModule):
     # ------------------------------------------------------------------------- split
     def _build_split(self) -> Split:
         self._check_cache_dir()
-        subjects, n_bad = self._scan_all()
+        subjects = self._scan_all()
         self._subjects = subjects
         selection, bad = select_loading(
             lambda bad: self._select(subjects, bad), self._load_selection
@@ -256,7 +256,6 @@ class BraTSDataModule(FewShotDataModule):
             test_subjects=sorted(selection.pool),
             info={
                 "usable_subjects": len(subjects) - len(bad),
-                "skipped_subjects": n_bad + len(bad),
                 "test_healthy": sum(1 for t in test if t.label == 0),
                 "test_tumorous": sum(1 for t in test if t.label == 1),
             },
@@ -273,26 +272,19 @@ class BraTSDataModule(FewShotDataModule):
                 "written into the data root; choose a folder outside it"
             )
 
-    def _report(self, err: DataError) -> None:
-        if self.strict:
-            raise err
-        log.warning("skipping BraTS subject: %s", err)
-
-    def _scan_all(self) -> tuple[dict[str, _Subject], int]:
+    def _scan_all(self) -> dict[str, _Subject]:
         dirs = find_subject_dirs(self.root)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             results = list(pool.map(self._scan_subject_safe, dirs))
         subjects: dict[str, _Subject] = {}
-        n_bad = 0
-        for result in results:
+        for folder, result in zip(dirs, results, strict=True):
             if isinstance(result, DataError):
-                self._report(result)
-                n_bad += 1
+                self._skip(folder.name, result, self.strict)
             else:
                 subjects[result.name] = result
         if not subjects:
             raise DataError(f"{self.root}: none of the {len(dirs)} subject folders is usable")
-        return subjects, n_bad
+        return subjects
 
     def _scan_subject_safe(self, folder: Path) -> _Subject | DataError:
         try:
@@ -393,7 +385,7 @@ class BraTSDataModule(FewShotDataModule):
         failed = set()
         for s, result in zip(todo, results, strict=True):
             if isinstance(result, DataError):
-                self._report(result)
+                self._skip(s, result, self.strict)
                 failed.add(s)
             else:
                 self._loaded[s] = result

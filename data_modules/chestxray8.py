@@ -123,6 +123,7 @@ class ChestXray8DataModule(FewShotDataModule):
     """
 
     dataset_name = "chestxray8"
+    input_kind = "image"
 
     def __init__(
         self,
@@ -268,7 +269,7 @@ class ChestXray8DataModule(FewShotDataModule):
         train_list = self._read_list("train_val_list.txt")
         test_list = self._read_list("test_list.txt")
         by_name = {r.name: r for r in records}
-        selection, bad = select_loading(
+        selection, _ = select_loading(
             lambda bad: self._select(
                 [r for r in records if r.name not in bad], train_list, test_list
             ),
@@ -305,7 +306,6 @@ class ChestXray8DataModule(FewShotDataModule):
             test_subjects=sorted(test_patients),
             info={
                 "images": len(records),
-                "skipped_images": len(bad),
                 "test_normal": sum(1 for t in test if t.label == 0),
                 "test_abnormal": sum(1 for t in test if t.label == 1),
                 "test_boxed": sum(1 for t in test if t.label == 1 and t.has_mask),
@@ -430,9 +430,7 @@ class ChestXray8DataModule(FewShotDataModule):
         failed = set()
         for name, result in zip(names, results, strict=True):
             if isinstance(result, DataError):
-                if self.strict:
-                    raise result
-                log.warning("skipping ChestX-ray8 image: %s", result)
+                self._skip(name, result, self.strict)
                 failed.add(name)
             else:
                 self._loaded[name] = result

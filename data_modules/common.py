@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_modules.anomaly_synthesis import LesionSynthesizer
 from data_modules.errors import DataError
 from data_modules.transforms import TrainAugmentation, normalize
+from pathoscope.feature_grid import FEATURE_STRIDE
 from pathoscope.hparams import check_range
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,34 @@ SelectionT = TypeVar("SelectionT")
 
 # Extra validation copies for a training subject without another healthy image.
 VAL_COPIES_WITHOUT_OTHERS = 2
+# The range of image_size (--data.image_size), checked at construction.
+# Minimum: the feature grid has one cell per FEATURE_STRIDE x FEATURE_STRIDE pixels and a
+# synthetic lesion must cover a whole cell (LesionSynthesizer.lesion_mask): a smaller image has
+# no cell at all.
+MIN_IMAGE_SIZE = FEATURE_STRIDE
+# Maximum: memory. Each evaluation item is held as a float32 image plus two bool masks, 6 S^2
+# bytes, and its map as much again when --metrics.eval_size follows S: the BraTS protocol's 420
+# test slices take 5 GiB at 1024 px, and a training step of 8 images (x_n, x_p and v_s on a
+# 128 x 128 grid, 384 + 1024 channels) about 3 GiB more, what a 16 GB machine holds; twice the
+# side is four times that. 1024 px is also ChestX-ray8's own size (BraTS's is 240): above it,
+# resizing only interpolates.
+MAX_IMAGE_SIZE = 1024
+
+
+def check_image_size(image_size: object) -> None:
+    """ValueError naming --data.image_size and its bounds unless MIN <= image_size <= MAX."""
+    if (
+        isinstance(image_size, int)
+        and not isinstance(image_size, bool)
+        and MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE
+    ):
+        return
+    raise ValueError(
+        f"image_size (--data.image_size) must be an integer in [{MIN_IMAGE_SIZE}, "
+        f"{MAX_IMAGE_SIZE}], got {image_size!r}: below {MIN_IMAGE_SIZE} px the image holds no "
+        f"cell of the {FEATURE_STRIDE}-pixel feature grid to place a synthetic lesion in, and "
+        f"above {MAX_IMAGE_SIZE} px the test set and a training step no longer fit in memory"
+    )
 
 
 def check_arguments(arguments: dict[str, tuple[object, str]]) -> None:
@@ -247,6 +276,7 @@ class FewShotDataModule(L.LightningDataModule):
     """Base of the few-shot data modules: datasets, loaders, validation split, anchor images."""
 
     dataset_name = "base"
+    input_kind = "subject"  # one input of the data root: a BraTS subject, a ChestX-ray8 image
 
     def __init__(
         self,
@@ -263,13 +293,13 @@ class FewShotDataModule(L.LightningDataModule):
         train_pool: int = 0,
     ) -> None:
         super().__init__()
+        check_image_size(image_size)
         check_arguments(
             {
                 "train_pool": (train_pool, "[0, inf)"),
                 "shots": (shots, "[1, inf)"),
                 "seed": (seed, "[0, inf)"),  # numpy's default_rng([seed, g]): no negative seeds
                 "test_seed": (test_seed, "[0, inf)"),
-                "image_size": (image_size, "[1, inf)"),
                 "batch_size": (batch_size, "[1, inf)"),
                 "steps_per_epoch": (steps_per_epoch, "[1, inf)"),
                 "num_workers": (num_workers, "[0, inf)"),
@@ -291,6 +321,20 @@ class FewShotDataModule(L.LightningDataModule):
         )
         self._split: Split | None = None
         self._val_samples: list[Sample] = []
+        self.skipped: dict[str, str] = {}  # bad inputs left out of the split -> the reason
+
+    def _skip(self, name: str, err: DataError, strict: bool) -> None:
+        """Leave out the bad input `name`: its DataError under `strict`, else a warning, and the
+        reason recorded in `skipped`."""
+        if strict:
+            raise err
+        log.warning("skipping %s %s: %s", self.dataset_name, self.input_kind, err)
+        self.skipped[name] = str(err)
+
+    @property
+    def skipped_key(self) -> str:
+        """The key of the split's info (and of metrics.json) holding `skipped`."""
+        return f"skipped_{self.input_kind}s"
 
     # --------------------------------------------------------------- subclass interface
     @abstractmethod
@@ -312,14 +356,17 @@ class FewShotDataModule(L.LightningDataModule):
         self._split = split
         self._val_samples = self._validation_samples(split)
         log.info(
-            "%s: %d training subjects %s, %d validation items, %d test items %s",
+            "%s: %d training subjects %s, %d validation items, %d test items %s, %d %ss skipped",
             self.dataset_name,
             len(split.train),
             split.train_subjects,
             len(self._val_samples),
             len(split.test),
             split.info,
+            len(self.skipped),
+            self.input_kind,
         )
+        split.info[self.skipped_key] = dict(sorted(self.skipped.items()))
 
     @property
     def split(self) -> Split:

@@ -9,7 +9,9 @@ the front parser (its `--help` description here, its arguments and handler in fr
 a verb of its own module (`main(argv) -> int` there, imported only when used).
 
 Every error a user can cause (bad data, missing weights, missing files, bad values) ends with one
-line on stderr and exit status 2, never a traceback.
+line on stderr and exit status 2, never a traceback. Exit statuses, the same for every verb
+(pathoscope/exit_codes.py): 0 done (also "nothing left to do"), 2 usage or input error,
+3 done with some inputs skipped (a line names them), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pathoscope.app import front_verbs
+from pathoscope.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, partial_exit
 
-EXIT_USAGE = 2  # the exit status of every error a user can cause (as argparse's)
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "main"]
 _USAGE = """\
 usage: pathoscope <verb> [options]   (pathoscope <verb> --help for each verb)
 
@@ -53,10 +56,20 @@ def _error_types() -> tuple[type[BaseException], ...]:
 
 # ------------------------------------------------------------------------------- LightningCLI
 def _run_lightning(argv: list[str]) -> int:
-    from pathoscope.app.lightning_cli import lightning_cli  # lazy: torch and Lightning are slow
+    # lazy: torch and Lightning are slow
+    from pathoscope.app.lightning_cli import lightning_cli, our_interrupts
 
-    lightning_cli(argv, run=True)
-    return 0
+    with our_interrupts():
+        cli = lightning_cli(argv, run=True)
+    where = "metrics.json and the warnings above" if argv[0] == "test" else "the warnings above"
+    return _skipped_exit(argv[0], cli.datamodule, where)
+
+
+def _skipped_exit(verb: str, datamodule: Any, where: str) -> int:
+    """EXIT_PARTIAL, with a line naming them, when the data module left inputs out; else EXIT_OK."""
+    skipped = getattr(datamodule, "skipped", None) or {}
+    kind = getattr(datamodule, "input_kind", "input")
+    return partial_exit(verb, skipped, f"{kind}(s)", where)
 
 
 # ------------------------------------------------------------------------------- modules
@@ -254,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, extra))
     except SystemExit as exc:  # argparse / jsonargparse --help and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    except KeyboardInterrupt:
-        print(f"pathoscope {verb}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        why = f": {exc}" if str(exc) else ""
+        print(f"pathoscope {verb}: interrupted{why}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         err = _reason(err)
         if not isinstance(err, _error_types()) and not _is_argument_error(err):

@@ -8,8 +8,11 @@ half-written is ever picked up by `pathoscope table`. The CSV log (logs/metrics.
 the W&B logger too: the training curves are drawn from it.
 
 Layout: <runs>/<dataset>/<config>/k<K>/seed<i>/ for the runs, and summary.json / summary.md in
-<runs>/<dataset>/<config>/k<K>/ (written by pathoscope.app.reporting). `train` and `grid` never
-replace a finished run unless asked (`overwrite`): they refuse, naming it, before any run starts.
+<runs>/<dataset>/<config>/k<K>/ (written by pathoscope.app.reporting). Neither `train` nor
+`grid` replaces a finished run unless asked (`overwrite`). `train` keeps the seeds that the same
+command finished before and runs the missing ones (so the same command finishes an interrupted
+`--repeats N`); a finished seed made with other settings is refused, naming the setting, before
+any run starts. `grid` refuses any finished run, naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ import yaml
 
 from pathoscope.app.configs import DEFAULT_CONFIG, config_files, dataset_root
 from pathoscope.app.figures.curves import CURVES_FILE, plot_training_curves
-from pathoscope.app.lightning_cli import finish_fit, lightning_cli
+from pathoscope.app.lightning_cli import finish_fit, lightning_cli, our_interrupts
 from pathoscope.app.reporting import GridResult, summarize, write_grid_outputs, write_summary
 
 MAX_NAME = 120  # longest folder name made from parameters
@@ -90,22 +94,27 @@ def _promote(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def run_one(
+@dataclass
+class _Prepared:
+    """One run's parsed command line, before anything is written."""
+
+    cli: Any  # PathoScopeCLI (run=False)
+    tmp: Path  # the hidden folder the run is written into
+    spec: dict[str, Any] | None  # the logger this run builds (None: the overrides give one)
+    name: str  # the run's name (W&B, the training curves' title)
+
+
+def _prepare(
     configs: Sequence[Path | str],
     run_dir: Path,
     seed: int,
-    overrides: Sequence[str] = (),
-    logger: str = "csv",
-    run_name: str | None = None,
-    group: str | None = None,
-) -> dict[str, Any]:
-    """Fit then test one seed in-process; returns metrics.json's content.
-
-    `overrides` are LightningCLI arguments applied after the YAMLs; the run's own settings (seed,
-    output folders, logger) come last. `run_name` may use {dataset}, {shots} and {seed}.
-    Bad data is found (datamodule.setup) before anything is written.
-    """
-    run_dir = Path(run_dir)
+    overrides: Sequence[str],
+    logger: str,
+    run_name: str | None,
+    group: str | None,
+) -> _Prepared:
+    """Parse one run's command line: the YAMLs, `overrides`, then the run's own settings (seed,
+    output folders, logger) last. `run_name` may use {dataset}, {shots} and {seed}."""
     tmp = run_dir.with_name(f".{run_dir.name}.partial")
     args: list[str] = []
     for path in configs:
@@ -123,39 +132,62 @@ def run_one(
     if not custom_logger:
         args += ["--trainer.logger=false"]
     cli = lightning_cli(args, run=False, save_config_callback=None)
-    dm, model, trainer = cli.datamodule, cli.model, cli.trainer
-    dm.setup("fit")  # bad data stops here, before anything is written
+    dm = cli.datamodule
     name = (run_name or "{dataset}-k{shots}-s{seed}").format(
         dataset=dm.dataset_name, shots=dm.shots, seed=seed
     )
+    # Built here, not parsed: its run name needs the parsed dataset and shots.
+    spec = None if custom_logger else _logger_spec(logger, tmp, name, group or name)
+    return _Prepared(cli, tmp, spec, name)
+
+
+def _config_yaml(run: _Prepared, run_dir: Path) -> str:
+    """config.yaml of the run: the resolved configuration, with the paths after the rename."""
+    config = yaml.safe_load(run.cli.parser.dump(run.cli.config, skip_none=False))
+    if run.spec is not None:
+        config["trainer"]["logger"] = run.spec
+    return yaml.safe_dump(config, sort_keys=False).replace(str(run.tmp), str(run_dir))
+
+
+def run_one(
+    configs: Sequence[Path | str],
+    run_dir: Path,
+    seed: int,
+    overrides: Sequence[str] = (),
+    logger: str = "csv",
+    run_name: str | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
+    """Fit then test one seed in-process; returns metrics.json's content.
+
+    `overrides` are LightningCLI arguments applied after the YAMLs; the run's own settings (seed,
+    output folders, logger) come last. `run_name` may use {dataset}, {shots} and {seed}.
+    Bad data is found (datamodule.setup) before anything is written.
+    """
+    run_dir = Path(run_dir)
+    run = _prepare(configs, run_dir, seed, overrides, logger, run_name, group)
+    dm, model, trainer, tmp = run.cli.datamodule, run.cli.model, run.cli.trainer, run.tmp
+    dm.setup("fit")  # bad data stops here, before anything is written
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted earlier run
     tmp.mkdir(parents=True)
-    spec: dict[str, Any] | None = None
     try:
-        if not custom_logger:
+        if run.spec is not None:
             from lightning.pytorch.cli import instantiate_class
 
-            # Built here, not parsed: its run name needs the parsed dataset and shots.
-            spec = _logger_spec(logger, tmp, name, group or name)
-            loggers = [instantiate_class((), spec)]
+            loggers = [instantiate_class((), run.spec)]
             if logger != "csv":  # the training curves read the CSV log
                 loggers.append(instantiate_class((), _csv_logger_spec(tmp)))
             trainer.loggers = loggers
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), our_interrupts():
             # The run folder holds the logs too: not a stale checkpoint folder.
             warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
             trainer.fit(model, datamodule=dm)
-        finish_fit(trainer, model, dm, cli.final_validation)
-        trainer.test(model, datamodule=dm, verbose=False)
+            finish_fit(trainer, model, dm, run.cli.final_validation)
+            trainer.test(model, datamodule=dm, verbose=False)
         if not trainer.is_global_zero:
             return {}
-        # The resolved config, with the paths as they are after the rename.
-        config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-        if spec is not None:
-            config["trainer"]["logger"] = spec
-        dumped = yaml.safe_dump(config, sort_keys=False)
-        (tmp / "config.yaml").write_text(dumped.replace(str(tmp), str(run_dir)))
+        (tmp / "config.yaml").write_text(_config_yaml(run, run_dir))
         metrics_path = tmp / "metrics.json"
         if not metrics_path.is_file():
             raise FileNotFoundError(f"{metrics_path}: the test wrote no metrics")
@@ -165,12 +197,56 @@ def run_one(
         _close_loggers(trainer)
         log = tmp / "logs" / "metrics.csv"
         if log.is_file():
-            plot_training_curves(log, tmp / CURVES_FILE, title=f"{name} (global step)")
+            plot_training_curves(log, tmp / CURVES_FILE, title=f"{run.name} (global step)")
         _promote(tmp, run_dir)
         return metrics
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_finished(
+    configs: Sequence[Path | str],
+    run_dir: Path,
+    seed: int,
+    overrides: Sequence[str] = (),
+    logger: str = "csv",
+    run_name: str | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
+    """metrics.json of the finished run in `run_dir` when this command (run_one's arguments)
+    would make it again; ValueError naming the first setting that differs otherwise."""
+    run_dir = Path(run_dir)
+    saved_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.json"
+    if not saved_path.is_file() or not metrics_path.is_file():
+        raise ValueError(
+            f"{run_dir}: a finished run without config.yaml or metrics.json, which this command "
+            "cannot check or report: pass --overwrite to replace it, or give another --runs folder"
+        )
+    wanted = yaml.safe_load(
+        _config_yaml(_prepare(configs, run_dir, seed, overrides, logger, run_name, group), run_dir)
+    )
+    key = first_difference(yaml.safe_load(saved_path.read_text()), wanted)
+    if key is not None:
+        raise ValueError(
+            f"{run_dir}: a finished run with other settings ({key} differs from this command's): "
+            "pass --overwrite to replace the finished runs, or give another --runs folder"
+        )
+    return json.loads(metrics_path.read_text())
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first value that differs between two nested dicts (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                return where
+            found = first_difference(a[key], b[key], where)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (prefix or "the configuration")
 
 
 # ------------------------------------------------------------------------------- train
@@ -188,7 +264,10 @@ def train(
 ) -> Path:
     """Fit + test seeds 0..repeats-1; write summary.json / summary.md; returns the k<K> folder.
 
-    Finished seed folders are never replaced unless `overwrite` (ValueError before any run).
+    What an earlier run of the same command finished is kept as it is (its metrics.json read
+    back, nothing rewritten); the missing seeds run, and one an interruption left partial starts
+    again. A finished seed made with other settings is refused (ValueError naming the setting,
+    before any run); `overwrite` redoes every seed.
     """
     if shots < 1:
         raise ValueError(f"--shots must be >= 1, got {shots}")
@@ -200,24 +279,32 @@ def train(
     config_name = config_name.removesuffix(".yaml")
     files = config_files(dataset, config_name)
     base = Path(runs_root) / dataset / config_name / f"k{shots}"
-    _refuse_finished((base / f"seed{seed}" for seed in range(repeats)), overwrite)
     root = dataset_root(dataset, data_root)
     args = [*overrides, f"--data.root={root}", f"--data.shots={shots}"]
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")
+    naming = {
+        "logger": logger,
+        "run_name": f"{dataset}-{config_name.replace('/', '-')}-k{{shots}}-s{{seed}}",
+        "group": config_name,
+    }
+    finished = [s for s in range(repeats) if not overwrite and (base / f"seed{s}").is_dir()]
+    kept = {s: check_finished(files, base / f"seed{s}", s, args, **naming) for s in finished}
     per_seed = []
     for seed in range(repeats):
-        print(f"== {dataset} / {config_name} / K={shots} / seed {seed} ==", flush=True)
-        metrics = run_one(
-            files,
-            base / f"seed{seed}",
-            seed,
-            args,
-            logger=logger,
-            run_name=f"{dataset}-{config_name.replace('/', '-')}-k{{shots}}-s{{seed}}",
-            group=config_name,
-        )
-        per_seed.append(metrics)
+        title = f"== {dataset} / {config_name} / K={shots} / seed {seed}"
+        if seed in kept:
+            print(f"{title}: finished before, kept ==", flush=True)
+            per_seed.append(kept[seed])
+            continue
+        print(f"{title} ==", flush=True)
+        try:
+            per_seed.append(run_one(files, base / f"seed{seed}", seed, args, **naming))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"seed {seed} was not finished and is removed; the same command keeps the "
+                "finished seeds and runs the others"
+            ) from None
     if per_seed and per_seed[0]:  # rank 0 (DDP ranks > 0 get {})
         write_summary(base, summarize(dataset, config_name, shots, per_seed))
     return base
@@ -307,9 +394,10 @@ def grid(
     max_steps: int | None = None,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
-) -> Path:
+) -> list[Path]:
     """Every combination of the --param values x shots x seeds; grid.md/.csv and plots in `out`.
-    Finished runs are never replaced unless `overwrite` (ValueError before any run)."""
+    Finished runs are never replaced unless `overwrite` (ValueError before any run). Returns the
+    folders of the combinations' summaries."""
     parsed = [parse_param(p) for p in params]
     if any(k < 1 for k in shots):
         raise ValueError(f"--shots must be >= 1, got {list(shots)}")
@@ -356,7 +444,7 @@ def grid(
             write_summary(folder, summary)
             results.append((combo, k, summary))
     write_grid_outputs(out, [key for key, _ in parsed], results)
-    return out
+    return [out / _combo_name(combo) / f"k{k}" for combo, k, _ in results]
 
 
 # ------------------------------------------------------------------------------- sweeps

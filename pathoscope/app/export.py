@@ -28,6 +28,7 @@ import torch
 from data_modules.errors import DataError
 from pathoscope.app.predict.common import load_model
 from pathoscope.checkpoint import CHECKPOINT_VERSION, CheckpointError
+from pathoscope.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from pathoscope.files import atomic_path
 from pathoscope.folded import FoldedDetector
 from pathoscope.postprocess import tau_value
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`pathoscope export ...`: 0 on success, 1 with a one-line error."""
+    """`pathoscope export ...`: 0 on success; 2 with a one-line error for a usage or input error
+    (a bad checkpoint, an existing output), 1 for any other failure to write (exit_codes.py)."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -132,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{out}: exists (pass --overwrite to replace it)")
         model = load_model(args.ckpt_path, "cpu")
         export_onnx(model, out, opset=args.opset)
-    except (DataError, CheckpointError, OSError) as err:
+    except (DataError, CheckpointError, FileNotFoundError) as err:
         print(f"pathoscope export: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except OSError as err:  # not the input's fault: a full disk, no permission to write
+        print(f"pathoscope export: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"pathoscope export: wrote {out}")
-    return 0
+    return EXIT_OK

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+from pathoscope.exit_codes import partial_exit
 
 
 def train_args(p: argparse.ArgumentParser) -> None:
@@ -63,9 +66,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     base = train(config_name=args.config_name, **common)
     print((base / "summary.md").read_text())
     choice = dataset_choices().get(args.dataset)
-    if args.config_name.removesuffix(".yaml") != DEFAULT_CONFIG or choice is None:
-        return 0
     folders = [base]
+    if args.config_name.removesuffix(".yaml") != DEFAULT_CONFIG or choice is None:
+        return _summaries_exit("train", folders)
     for config in choice.compare_with:
         # A baseline that trains nothing (trainer.max_steps: 0 in its file) keeps its 0 steps.
         untrained = (yaml.safe_load(config_files(args.dataset, config)[-1].read_text()) or {}).get(
@@ -77,7 +80,26 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if len(folders) > 1:  # the method beside its baselines on the same data and seeds
         summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
         print(build_table(summaries, paper=False)[0])
-    return 0
+    return _summaries_exit("train", folders)
+
+
+def _summaries_exit(verb: str, folders: list[Path]) -> int:
+    """_records_exit of the summaries in `folders`."""
+    import json
+
+    summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
+    return _records_exit(verb, summaries, "summary.md and summary.json")
+
+
+def _records_exit(verb: str, records: list[dict[str, Any]], where: str) -> int:
+    """EXIT_PARTIAL, with a line naming them, when `records` (summary.json / metrics.json
+    contents) hold inputs of the data root that the runs were made without; else EXIT_OK."""
+    from pathoscope.app.reporting import skipped_inputs
+
+    skipped = skipped_inputs(records)
+    names = {name: why for group in skipped.values() for name, why in group.items()}
+    kind = next(iter(skipped), "skipped_inputs").removeprefix("skipped_").removesuffix("s")
+    return partial_exit(verb, names, f"{kind}(s)", where)
 
 
 def table_args(p: argparse.ArgumentParser) -> None:
@@ -133,7 +155,7 @@ def cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
         data_root = str(dataset_root(args.dataset, data_root))
     elif not configs:
         raise ValueError("give --dataset (with --config-name) or --config files")
-    out = grid(
+    folders = grid(
         configs=configs,
         params=args.param,
         shots=parse_int_list(args.shots, "--shots"),
@@ -145,8 +167,8 @@ def cmd_grid(args: argparse.Namespace, extra: list[str]) -> int:
         overrides=extra,
         overwrite=args.overwrite,
     )
-    print((out / "grid.md").read_text())
-    return 0
+    print((Path(args.out) / "grid.md").read_text())
+    return _summaries_exit("grid", folders)
 
 
 def sweep_run_args(p: argparse.ArgumentParser) -> None:
@@ -172,7 +194,7 @@ def cmd_sweep_run(args: argparse.Namespace, extra: list[str]) -> int:
         overrides=extra,
     )
     print(format_metrics(metrics))
-    return 0
+    return _records_exit("sweep-run", [metrics], "metrics.json")
 
 
 def make_demo_data_args(p: argparse.ArgumentParser) -> None:

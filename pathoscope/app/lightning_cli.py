@@ -6,8 +6,12 @@ every `--config` file in order, then the command-line overrides; docs/configs.md
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +244,37 @@ def refuse_link_targets(args: Sequence[str]) -> None:
                 for target, source in LINKED.items():
                     if target.removeprefix("data.") in init:
                         raise ValueError(f"{path}: {target} is set by {source}: give that instead")
+
+
+class _NoInterruptNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Detected KeyboardInterrupt" not in record.getMessage()
+
+
+@contextmanager
+def our_interrupts() -> Iterator[None]:
+    """Ctrl-C inside a Trainer's fit / validate / test raises KeyboardInterrupt, as everywhere
+    else, so that the command ends with its own one line (exit status 130).
+
+    Lightning 2.6 answers it by logging "Detected KeyboardInterrupt, attempting graceful shutdown"
+    (dropped here), ignoring SIGINT from then on (the handler is restored here) and calling
+    sys.exit(1), which is turned back into the KeyboardInterrupt it came from.
+    """
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    quiet = _NoInterruptNotice()
+    notices.addFilter(quiet)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    except SystemExit as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt(str(exc.__context__)) from None
+        raise
+    finally:
+        notices.removeFilter(quiet)
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True, **kwargs: Any) -> PathoScopeCLI:

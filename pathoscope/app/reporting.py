@@ -39,6 +39,8 @@ EXTRA_METRICS: dict[str, str] = {
     "iou_at_tau": "IoU@tau",
 }
 SUMMARY_METRICS = (*TABLE_METRICS, *EXTRA_METRICS, "tau")
+# metrics.json's record of the bad inputs a data module left out ({name: reason}), by dataset.
+SKIPPED_KEYS = ("skipped_subjects", "skipped_images")
 GridResult = tuple[tuple[tuple[str, str], ...], int, dict[str, Any]]  # (params, K, summary)
 
 
@@ -82,7 +84,34 @@ def summarize(
         "checkpoint": "last",
         "weights": weights[0] if len(weights) == 1 else weights,
         "eval_size": per_seed[0].get("eval_size") if per_seed else None,
+        **skipped_inputs(per_seed),
     }
+
+
+def skipped_inputs(per_seed: Sequence[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """{"skipped_subjects" (or "_images"): {name: reason}} over the seeds' metrics: the bad
+    inputs of the data root that any seed's split left out (a subject that fails only when read
+    in full is found by the seeds that select it)."""
+    out: dict[str, dict[str, str]] = {}
+    for metrics in per_seed:
+        for key in SKIPPED_KEYS:
+            if key in metrics:
+                out.setdefault(key, {}).update(metrics[key])
+    return {key: dict(sorted(names.items())) for key, names in out.items()}
+
+
+def _skipped_lines(summary: dict[str, Any]) -> list[str]:
+    """summary.md's line for each kind of input the seeds were made without (none if none)."""
+    lines = []
+    for key in SKIPPED_KEYS:
+        if names := sorted(summary.get(key) or {}):
+            kind = key.removeprefix("skipped_")
+            lines.append(
+                f"Made without {len(names)} of the data root's {kind}, which could not be used "
+                f"(summary.json and each seed's metrics.json give the reasons): "
+                f"{', '.join(names)}."
+            )
+    return lines
 
 
 def _pct(stat: dict[str, Any] | None) -> str:
@@ -126,6 +155,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             if n != 1
             else "One seed (0): no spread to report; use REPEATS=N for mean ± std over N seeds."
         ),
+        *_skipped_lines(summary),
         f"Checkpoint reported: {summary['checkpoint']} (the final model; nothing is selected on "
         "test labels).",
         f"Backbone weights: {_weights_note(summary['weights'])}.",

@@ -215,6 +215,8 @@ def test_checkpoint_of_an_old_version_is_one_line(
         ("--model.network.hidden_dim=0", "network.hidden_dim must be >= 1, got 0"),
         ("--data.shots=0", "shots must be >= 1, got 0"),
         ("--data.seed=-1", "seed must be >= 0, got -1"),
+        ("--data.image_size=7", "image_size (--data.image_size) must be an integer in [8, 1024]"),
+        ("--data.image_size=100000", "(--data.image_size) must be an integer in [8, 1024], got 1"),
         ("--trainer.max_steps=-5", "`max_steps` must be a non-negative integer or -1"),
     ],
 )
@@ -320,6 +322,30 @@ def test_checkpoint_errors_of_test_are_one_line_and_touch_no_run_folder(
     assert (run / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
 
 
+def test_a_random_file_named_ckpt_is_the_same_error_for_every_verb(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`test`, `predict` and `export` answer a file that is no checkpoint alike: exit 2 (a usage
+    or input error), one line naming the file, never torch's weights_only advice, nothing
+    written."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "random.ckpt"
+    ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
+    verbs = {
+        "test": [*dataset_configs("brats"), *tiny_overrides("brats", brats_root)],
+        "predict": ["--input", str(brats_root), "--output", str(tmp_path / "maps")],
+        "export": ["--output", str(tmp_path / "model.onnx")],
+    }
+    for verb, args in verbs.items():
+        assert cli.main([verb, f"--ckpt_path={ckpt}", *args]) == cli.EXIT_USAGE, verb
+        err = _one_error_line(capsys, verb)
+        assert f"{ckpt}: not a readable checkpoint" in err and "weights_only" not in err, verb
+    assert [p.name for p in tmp_path.iterdir()] == ["random.ckpt"]
+
+
 def test_table_of_a_missing_folder_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -402,7 +428,12 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
     train += ["--repeats", "2", "--runs", str(runs), "--max-steps", "2", *tiny]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Done, without the set's subject 020 (misnamed segmentation): exit 3 and a line naming it.
+    assert proc.returncode == cli.EXIT_PARTIAL, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "pathoscope train: done, but 1 subject(s) skipped: BraTS20_Training_020 (the reasons are "
+        "in summary.md and summary.json; exit status 3)"
+    )
     assert "| pathoscope | 2 |" in proc.stdout  # the summary table is printed
 
     base = runs / "brats" / "pathoscope" / "k2"
@@ -423,6 +454,10 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
         per_seed.append(json.loads((folder / "metrics.json").read_text()))
     summary = json.loads((base / "summary.json").read_text())
     assert summary["dataset"] == "brats" and summary["config"] == "pathoscope"
+    for record in (summary, *per_seed):  # where results are read: the subject and why
+        (reason,) = record["skipped_subjects"].values()
+        assert list(record["skipped_subjects"]) == ["BraTS20_Training_020"]
+        assert "BraTS20_Training_020_seg.nii.gz: missing" in reason
     assert summary["shots"] == 2 and summary["repeats"] == 2 and summary["weights"] == "random"
     a, b = (m["image_auroc"] for m in per_seed)
     stat = summary["metrics"]["image_auroc"]
@@ -431,6 +466,8 @@ def test_train_then_table_through_the_console_script(brats_root: Path, tmp_path:
     assert stat["std"] == pytest.approx(abs(a - b) / np.sqrt(2))  # sample std of two values
     md = (base / "summary.md").read_text()
     assert "Checkpoint reported: last" in md and "Backbone weights: random" in md
+    assert "Made without 1 of the data root's subjects, which could not be used" in md
+    assert md.count("BraTS20_Training_020") == 1
     for seed in (0, 1):  # each seed's panel overview and training curves, linked
         assert f"](seed{seed}/panels/overview.png)" in md
         assert f"](seed{seed}/training_curves.png)" in md

@@ -170,7 +170,13 @@ def test_fit_validate_test_metrics_match_references(brats_root: Path, tmp_path: 
 
     test_results = trainer.test(model, datamodule=dm, verbose=False)
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(report) == set(JSON_KEYS)
+    assert set(report) == {*JSON_KEYS, "skipped_subjects"}
+    # The set's subject 020 has a misnamed segmentation: the results say they were made without it.
+    assert list(report["skipped_subjects"]) == ["BraTS20_Training_020"]
+    assert (
+        "BraTS20_Training_020_seg.nii.gz: missing"
+        in report["skipped_subjects"]["BraTS20_Training_020"]
+    )
     assert report["eval_size"] == EVAL_SIZE
     assert report["weights"] == model.weights_tag == "random"
     assert report["checkpoint"] == "last"

@@ -138,6 +138,8 @@ def fitted(
     if config == "anchor_knn":
         tiny = [a for a in tiny if not a.startswith("--trainer.max_steps")]  # keep its 0
     result = Fitted(dataset, config, folder)
+    # Done; the synthetic BraTS set's subject 020 (misnamed segmentation) is skipped: exit 3.
+    done = cli.EXIT_OK if dataset == "chestxray8" else cli.EXIT_PARTIAL
     with pytest.MonkeyPatch.context() as mp:
         _install_counters(mp, result)
         rc = cli.main(
@@ -149,7 +151,7 @@ def fitted(
                 f"--checkpoint.dirpath={folder / 'ckpt'}",
             ]
         )
-        assert rc == 0
+        assert rc == done
         result.test_counts.clear()  # validation searches are not the test's
         rc = cli.main(
             [
@@ -161,7 +163,7 @@ def fitted(
                 f"--metrics.output_dir={folder / 'test'}",
             ]
         )
-        assert rc == 0
+        assert rc == done
     if config != "anchor_knn":
         result.logged = _read_train_rows(folder / "lightning_logs")
     result.metrics = json.loads((folder / "test" / "metrics.json").read_text())

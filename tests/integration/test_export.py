@@ -15,6 +15,7 @@ import torch
 from data_modules.brats import BraTSDataModule
 from pathoscope.app.export import export_onnx, main, read_metadata
 from pathoscope.checkpoint import load_model
+from pathoscope.exit_codes import EXIT_USAGE
 from pathoscope.lightning_model import PathoScope
 
 onnx = pytest.importorskip("onnx")
@@ -110,12 +111,12 @@ def test_export_errors(
     ckpt: Path, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = exported.read_bytes()
-    assert main(["--ckpt_path", str(ckpt), "--output", str(exported)]) == 1
+    assert main(["--ckpt_path", str(ckpt), "--output", str(exported)]) == EXIT_USAGE
     assert "exists (pass --overwrite" in capsys.readouterr().err
     assert exported.read_bytes() == before
     plain = tmp_path / "plain.ckpt"
     torch.save({}, plain)
-    assert main(["--ckpt_path", str(plain), "--output", str(tmp_path / "x.onnx")]) == 1
+    assert main(["--ckpt_path", str(plain), "--output", str(tmp_path / "x.onnx")]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert "plain.ckpt: not a usable PathoSCOPE checkpoint" in err and "\n" not in err
     assert not (tmp_path / "x.onnx").exists()

@@ -29,6 +29,7 @@ from pathoscope.app.predict.montage import CAPTION, MIN_WIDTH, TILE
 from pathoscope.app.predict.run import main
 from pathoscope.app.predict.volumes import predict_volume
 from pathoscope.checkpoint import CheckpointError
+from pathoscope.exit_codes import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from pathoscope.lightning_model import PathoScope
 from pathoscope.torch_model import PathoScopeModel
 
@@ -313,7 +314,7 @@ def test_multi_modality_checkpoint_takes_subject_folder(
         ["--ckpt_path", str(multi), "--input", str(subject / subject.name) + "_flair.nii.gz"]
         + ["--output", str(tmp_path / "o")]
     )
-    assert code == 1
+    assert code == EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -351,7 +352,7 @@ def test_bad_single_inputs_give_one_line_errors(
         tmp_path / "missing.nii.gz": "missing.nii.gz: input does not exist",
     }
     for inp, message in cases.items():
-        assert main(_cli(ckpt, inp, tmp_path / "out")) == 1, inp
+        assert main(_cli(ckpt, inp, tmp_path / "out")) == EXIT_USAGE, inp
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and err.startswith("pathoscope predict: error:")
     # --channel picks one volume of a 4D file: the same result as that volume alone.
@@ -376,36 +377,75 @@ def test_bad_checkpoints(
     ):
         with pytest.raises(CheckpointError, match=message):
             load_model(bad)
-        assert main(_cli(bad, src, tmp_path / "out")) == 1
+        assert main(_cli(bad, src, tmp_path / "out")) == EXIT_USAGE
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 
 def test_folder_skips_bad_file_and_keeps_outputs(
-    ckpt: Path, brats_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ckpt: Path,
+    brats_root: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """A folder with a broken file: the others are written, the run exits 3 (done with inputs
+    skipped) and both its last line and predictions.csv name the broken file and why."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for subject in TUMOUR_SUBJECTS:
         shutil.copy(_flair(brats_root, subject), inputs / f"{subject}.nii.gz")
     (inputs / "broken.nii.gz").write_bytes(b"garbage")
     out = tmp_path / "out"
-    assert main(_cli(ckpt, inputs, out, "--slices", "70:71", "--batch-size", "1")) == 0
+    assert main(_cli(ckpt, inputs, out, "--slices", "70:71", "--batch-size", "1")) == EXIT_PARTIAL
     assert "broken.nii.gz" in caplog.text
-    rows = _read_csv(out / "predictions.csv")
-    assert sorted(Path(r["input"]).name for r in rows) == [f"{s}.nii.gz" for s in TUMOUR_SUBJECTS]
-    assert all(r["scored_slices"] == "2" for r in rows)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pathoscope predict: done, but 1 input(s) skipped: ")
+    assert str(inputs / "broken.nii.gz") in last and str(out / "predictions.csv") in last
+    rows = {Path(r["input"]).name: r for r in _read_csv(out / "predictions.csv")}
+    assert sorted(rows) == sorted([f"{s}.nii.gz" for s in TUMOUR_SUBJECTS] + ["broken.nii.gz"])
+    assert "broken.nii.gz: cannot read NIfTI" in rows.pop("broken.nii.gz")["skipped"]
+    assert all(r["scored_slices"] == "2" and r["skipped"] == "" for r in rows.values())
     written = out / f"{TUMOUR_SUBJECTS[0]}_anomaly_map.nii.gz"
     before = written.read_bytes()
-    # A second run refuses to replace outputs, then replaces them with --overwrite.
-    assert main(_cli(ckpt, inputs, out, "--slices", "60:61")) == 1
+    # Other slices: the existing outputs are not replaced; nothing could be done, exit 2.
+    assert main(_cli(ckpt, inputs, out, "--slices", "60:61")) == EXIT_USAGE
     assert written.read_bytes() == before
-    assert main(_cli(ckpt, inputs, out, "--slices", "60:61", "--overwrite")) == 0
+    assert main(_cli(ckpt, inputs, out, "--slices", "60:61", "--overwrite")) == EXIT_PARTIAL
     after = np.asarray(nib.load(str(written)).dataobj)
     assert after[:, :, 60:62].any() and not after[:, :, 70:72].any()
     # Outputs are never written into the input folder.
-    assert main(_cli(ckpt, inputs, inputs / "o")) == 1
+    assert main(_cli(ckpt, inputs, inputs / "o")) == EXIT_USAGE
+
+
+def test_the_same_command_on_a_complete_folder_has_nothing_left_to_do(
+    ckpt: Path, brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every input done by this checkpoint and these options: exit 0, a line saying so, nothing
+    rewritten. Other options or another checkpoint find outputs they did not make: refused."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for subject in TUMOUR_SUBJECTS:
+        shutil.copy(_flair(brats_root, subject), inputs / f"{subject}.nii.gz")
+    out = tmp_path / "out"
+    args = _cli(ckpt, inputs, out, "--slices", "70:71")
+    assert main(args) == EXIT_OK
+    capsys.readouterr()
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert main(args) == EXIT_OK
+    assert capsys.readouterr().out.strip() == (
+        f"pathoscope predict: nothing left to do: the 2 input(s) are done in {out} by this "
+        "checkpoint and options (pass --overwrite to redo them)"
+    )
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files
+    other = _variant(ckpt, tmp_path / "other.ckpt", weights="another")
+    for refused in (_cli(ckpt, inputs, out, "--slices", "70:72"), _cli(other, inputs, out)):
+        assert main(refused) == EXIT_USAGE
+        assert "exists, made for another input or by another checkpoint or options" in (
+            capsys.readouterr().err
+        )
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files
 
 
 # ----------------------------------------------------------------------------- images
@@ -429,9 +469,12 @@ def test_images_folder_overlays_and_csv(
     (inputs / "broken.png").write_bytes(b"not a png")
     (inputs / "readme.txt").write_text("hello")
     out = tmp_path / "out"
-    assert main(_cli(chest, inputs, out)) == 0
+    assert main(_cli(chest, inputs, out)) == EXIT_PARTIAL  # a corrupt PNG is a skipped input
     assert "broken.png" in caplog.text and "readme.txt" in caplog.text
     rows = {r["input"]: r for r in _read_csv(out / "predictions.csv")}
+    skipped = {Path(p).name: r["skipped"] for p, r in rows.items() if r["skipped"]}
+    assert sorted(skipped) == ["broken.png", "readme.txt"] and "not a" in skipped["readme.txt"]
+    rows = {p: r for p, r in rows.items() if not r["skipped"]}
     assert sorted(Path(p).name for p in rows) == sorted(
         ["copy.jpg", *(it["subject"] for it in items)]
     )
@@ -449,7 +492,7 @@ def test_images_folder_overlays_and_csv(
     assert isinstance(results[0], DataError) and "broken.png" in str(results[0])
     assert results[1].score == pytest.approx(float(scores[0]), abs=1e-5)
     # A BraTS checkpoint does not take images.
-    assert main(_cli(ckpt, inputs / items[0]["subject"], tmp_path / "o2")) == 1
+    assert main(_cli(ckpt, inputs / items[0]["subject"], tmp_path / "o2")) == EXIT_USAGE
 
 
 def test_non_square_image_is_warned_and_rows_follow_replaced_outputs(
@@ -471,12 +514,26 @@ def test_non_square_image_is_warned_and_rows_follow_replaced_outputs(
     assert "not square" not in caplog.text
     (row,) = _read_csv(out / "predictions.csv")
     assert row["input"] == str(jpg_dir / "x.jpg") and row["overlay"] == "x_overlay.png"
-    assert main(_cli(chest, png_dir / "x.png", out)) == 1  # the overlay exists
+    assert main(_cli(chest, png_dir / "x.png", out)) == EXIT_USAGE  # the overlay exists
     assert main(_cli(chest, png_dir / "x.png", out, "--overwrite")) == 0
     assert "x.png: 96 x 64 pixels (width x height) is not square" in caplog.text
     rows = _read_csv(out / "predictions.csv")
     assert [(r["input"], r["overlay"]) for r in rows] == [(str(png_dir / "x.png"), "x_overlay.png")]
     assert np.asarray(Image.open(out / "x_overlay.png")).shape == (64, 2 * 96, 3)
+
+
+def test_tiny_image_is_warned(ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 1 x 1 PNG is scored (enlarged to the network size, as any image) with a warning that
+    says the map shows the enlargement; an image of the network size is not warned about."""
+    chest = _variant(ckpt, tmp_path / "chest.ckpt", preprocessing={"dataset": "chestxray8"})
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((1, 1), 128, np.uint8)).save(inputs / "dot.png")
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(inputs / "full.png")
+    assert main(_cli(chest, inputs, tmp_path / "out")) == EXIT_OK
+    tiny = [r.getMessage() for r in caplog.records if "is tiny" in r.getMessage()]
+    assert len(tiny) == 1 and tiny[0].startswith(f"{inputs / 'dot.png'}: 1 x 1 pixels"), tiny
+    assert "at least 8 px" in tiny[0]
 
 
 # ----------------------------------------------------------------------------- interruptions

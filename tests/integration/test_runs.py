@@ -63,6 +63,28 @@ def test_summary_statistics_by_hand() -> None:
     assert "Backbone weights: random" in md and "Checkpoint reported: last" in md
 
 
+def test_summary_records_the_skipped_subjects_of_every_seed() -> None:
+    """A subject found bad when read in full is found only by the seeds that select it: the
+    summary holds every seed's, with the reasons, and summary.md says the table lacks them."""
+    seeds = [
+        {**_metrics(0.6), "skipped_subjects": {"s020": "seg missing"}},
+        {**_metrics(0.8), "skipped_subjects": {"s020": "seg missing", "s007": "NaN voxels"}},
+    ]
+    summary = reporting.summarize("brats", "pathoscope", 2, seeds)
+    assert summary["skipped_subjects"] == {"s007": "NaN voxels", "s020": "seg missing"}
+    assert list(summary["skipped_subjects"]) == ["s007", "s020"]
+    md = reporting.summary_markdown(summary).splitlines()
+    assert [ln for ln in md if "Made without" in ln] == [
+        "Made without 2 of the data root's subjects, which could not be used (summary.json and "
+        "each seed's metrics.json give the reasons): s007, s020."
+    ]
+    clean = reporting.summarize(
+        "brats", "pathoscope", 2, [{**m, "skipped_subjects": {}} for m in seeds]
+    )
+    assert clean["skipped_subjects"] == {}
+    assert "Made without" not in reporting.summary_markdown(clean)
+
+
 def _write_summary(base: Path, config: str, shots: int, values: list[float]) -> None:
     folder = base / config / f"k{shots}"
     folder.mkdir(parents=True)
@@ -153,12 +175,14 @@ def _fake_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, list[str]]]:
     return calls
 
 
-def test_train_never_replaces_finished_seeds_without_overwrite(
+def test_train_refuses_a_finished_seed_it_cannot_check_without_overwrite(
     brats_root: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """A seed folder without the config.yaml that says what made it is never kept or redone
+    silently: refused before any seed runs, replaced with --overwrite."""
     base = tmp_path / "runs" / "brats" / "pathoscope" / "k2"
     (base / "seed1").mkdir(parents=True)
     (base / "seed1" / "metrics.json").write_text('{"image_auroc": 0.9}\n')
@@ -168,7 +192,7 @@ def test_train_never_replaces_finished_seeds_without_overwrite(
     args += ["--runs", str(tmp_path / "runs")]
     assert cli.main(args) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip()
-    assert f"{base / 'seed1'}: a finished run is there" in err and "--overwrite" in err
+    assert f"{base / 'seed1'}: a finished run without config.yaml" in err and "--overwrite" in err
     assert "\n" not in err and calls == []  # refused before any seed ran
     assert (base / "seed1" / "metrics.json").read_text() == '{"image_auroc": 0.9}\n'
     assert (base / "summary.json").read_text() == "{}\n"
@@ -214,7 +238,7 @@ def test_grid_writes_table_and_plot(brats_root: Path, tmp_path: Path) -> None:
     tiny = tiny_overrides("brats", brats_root, max_steps=1)
     args = ["grid", "--config", str(EXPERIMENTS / "brats.yaml"), "--out", str(out)]
     args += ["--param", "model.pieg.eta=0.005,0.05", "--shots", "2", *tiny]
-    assert cli.main(args) == 0
+    assert cli.main(args) == cli.EXIT_PARTIAL  # done; the set's subject 020 is skipped
     for value in ("0.005", "0.05"):
         folder = out / f"model.pieg.eta={value}" / "k2"
         config = yaml.safe_load((folder / "seed0" / "config.yaml").read_text())
@@ -256,7 +280,7 @@ def test_sweep_command_line_runs_one_configuration_offline(
     tiny.write_text(yaml.safe_dump(_as_config(tiny_overrides("brats", brats_root, max_steps=1))))
     at = argv.index("--config") + 2
     argv[at:at] = ["--config", str(tiny)]
-    assert cli.main([*argv, "--out", str(tmp_path / "sweeps")]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "sweeps")]) == cli.EXIT_PARTIAL  # 020 skipped
     assert os.environ["WANDB_MODE"] == "offline"  # never online unless asked
     (folder,) = (tmp_path / "sweeps" / "brats+tiny").iterdir()
     assert folder.name == "data.shots=2,model.pieg.eta=0.005"
@@ -301,14 +325,14 @@ def _fit(root: Path, folder: Path, max_steps: int, resume: bool = False) -> None
     args += [f"--trainer.default_root_dir={folder}", f"--checkpoint.dirpath={folder / 'ckpt'}"]
     if resume:
         args.append("--ckpt_path=last")
-    assert cli.main(args) == 0
+    assert cli.main(args) == cli.EXIT_PARTIAL  # done; the set's subject 020 is skipped
 
 
 def _test(root: Path, ckpt: Path, out: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     args = ["test", *dataset_configs("brats"), *tiny_overrides("brats", root), *extra]
     args += [f"--ckpt_path={ckpt}", f"--metrics.output_dir={out}"]
     args += [f"--trainer.default_root_dir={out}"]
-    assert cli.main(args) == 0
+    assert cli.main(args) == cli.EXIT_PARTIAL  # done; the set's subject 020 is skipped
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -358,7 +382,7 @@ def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == cli.EXIT_PARTIAL, proc.stderr[-3000:]  # subject 020 skipped
     with_ddp = json.loads((folder / "metrics.json").read_text())
     ckpt = torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and math.isfinite(
@@ -370,3 +394,106 @@ def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(
     single = _test(brats_root, folder / "ckpt" / "last.ckpt", tmp_path / "single")
     for key in ("image_auroc", "pixel_auroc", "pro", "dice_best", "tau", "sensitivity"):
         assert with_ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+# ------------------------------------------------------------------------------- train, again
+def _files(folder: Path) -> dict[Path, tuple[bytes, int]]:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_interrupted_repeats_are_finished_by_the_same_command(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C inside seed 1's fit of `train --repeats 3`: our one line, exit 130, seed 0 kept and
+    nothing of seed 1. The same command then runs seeds 1 and 2 only, leaves every file of seed 0
+    as it was, and summary.md covers the three seeds; with another setting it is refused, naming
+    the setting, before any seed runs."""
+    import signal
+
+    from pathoscope.lightning_model import PathoScope
+
+    runs = tmp_path / "runs"
+    tiny = [a for a in tiny_overrides("brats", brats_root) if not a.startswith("--data.root")]
+    args = ["train", "--dataset", "brats", "--data-root", str(brats_root), "--repeats", "3"]
+    args += ["--runs", str(runs), *tiny]
+    base = runs / "brats" / "pathoscope" / "k2"
+    real_step = PathoScope.training_step
+
+    def ctrl_c_in_seed_1(self: PathoScope, *a: Any, **kw: Any) -> Any:
+        if self.trainer.datamodule.seed == 1:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(PathoScope, "training_step", ctrl_c_in_seed_1)
+    handler = signal.getsignal(signal.SIGINT)
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capfd.readouterr().err
+    assert "Detected KeyboardInterrupt" not in err + caplog.text  # Lightning's notice
+    assert [ln for ln in err.splitlines() if ln.startswith("pathoscope train")] == [
+        "pathoscope train: interrupted: seed 1 was not finished and is removed; the same command "
+        "keeps the finished seeds and runs the others"
+    ]
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning had set SIGINT to be ignored
+    assert sorted(p.name for p in base.iterdir()) == ["seed0"]
+    seed0 = _files(base / "seed0")
+
+    monkeypatch.setattr(PathoScope, "training_step", real_step)
+    ran: list[int] = []
+    real_run = experiments.run_one
+
+    def recorded(configs: Any, run_dir: Path, seed: int, *a: Any, **kw: Any) -> dict[str, Any]:
+        ran.append(seed)
+        return real_run(configs, run_dir, seed, *a, **kw)
+
+    monkeypatch.setattr(experiments, "run_one", recorded)
+    assert cli.main(args) == cli.EXIT_PARTIAL  # done; the data root's subject 020 is skipped
+    assert ran == [1, 2]
+    assert "seed 0: finished before, kept ==" in capfd.readouterr().out
+    assert _files(base / "seed0") == seed0
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["repeats"] == 3 and len(summary["metrics"]["image_auroc"]["values"]) == 3
+    assert (
+        json.loads((base / "seed0" / "metrics.json").read_text())["image_auroc"]
+        == (summary["metrics"]["image_auroc"]["values"][0])
+    )
+    assert "over 3 seeds (0..2)" in (base / "summary.md").read_text()
+
+    assert cli.main([*args, "--max-steps", "3"]) == cli.EXIT_USAGE
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"pathoscope train: error: {base / 'seed0'}: a finished run with other")
+    assert "(trainer.max_steps differs from this command's)" in err and "--overwrite" in err
+    assert ran == [1, 2] and _files(base / "seed0") == seed0
+
+
+def test_ctrl_c_inside_fit_ends_with_our_line(
+    brats_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`pathoscope fit` interrupted in its first step: exit 130 with one line of ours, not
+    Lightning's shutdown notice and exit 1, and Ctrl-C works again afterwards."""
+    import signal
+
+    from pathoscope.lightning_model import PathoScope
+
+    def ctrl_c(self: PathoScope, *a: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PathoScope, "training_step", ctrl_c)
+    args = ["fit", *dataset_configs("brats"), *tiny_overrides("brats", brats_root)]
+    args += [f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path / 'c'}"]
+    handler = signal.getsignal(signal.SIGINT)
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capfd.readouterr().err
+    assert "Detected KeyboardInterrupt" not in err + caplog.text
+    assert [ln for ln in err.splitlines() if ln.startswith("pathoscope fit")] == [
+        "pathoscope fit: interrupted"
+    ]
+    assert signal.getsignal(signal.SIGINT) is handler

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from data_modules.common import MIN_IMAGE_SIZE
 from pathoscope.checkpoint import CheckpointError
 from pathoscope.checkpoint import load_model as load_checkpoint_model
+from pathoscope.feature_grid import FEATURE_STRIDE
 from pathoscope.postprocess import pathological
 from pathoscope.torch_model import PathoScopeModel
+
+log = logging.getLogger(__name__)
 
 VOLUME_DATASETS = ("brats",)
 IMAGE_DATASETS = ("chestxray8",)
@@ -49,3 +54,22 @@ def decision(score: float, tau: float | None) -> str:
 def no_bar(progress: bool | None) -> bool | None:
     """tqdm's `disable`: None shows bars on terminals only."""
     return None if progress is None else not progress
+
+
+def size_warnings(where: str, shape: tuple[int, ...], size: int) -> list[str]:
+    """A warning (also logged) when an image or slice of `shape` (H, W, ...) is tiny: a side
+    shorter than the smallest image_size training takes, or than the network's feature grid has
+    cells at `size`. Enlarged to size x size, its map then shows the enlargement, not the image."""
+    h, w = shape[:2]
+    grid = size // FEATURE_STRIDE
+    least = max(MIN_IMAGE_SIZE, grid)
+    if min(h, w) >= least:
+        return []
+    text = (
+        f"{where}: {w} x {h} pixels (width x height) is tiny: it was enlarged to {size} x {size} "
+        f"like the training images, and a side needs at least {least} px ({MIN_IMAGE_SIZE} px, "
+        f"the smallest image_size, and a pixel per cell of the {grid} x {grid} feature grid), "
+        "so the map may show the enlargement rather than the image (give it at full resolution)"
+    )
+    log.warning(text)
+    return [text]

@@ -16,7 +16,7 @@ from data_modules.common import to_rgb
 from data_modules.errors import DataError
 from data_modules.transforms import normalize, resize
 from data_modules.visualize import draw_outline
-from pathoscope.app.predict.common import score_batch
+from pathoscope.app.predict.common import score_batch, size_warnings
 from pathoscope.folded import inference_net
 from pathoscope.postprocess import pathological, tau_value
 from pathoscope.torch_model import PathoScopeModel
@@ -88,7 +88,7 @@ def predict_images(
                     full.reshape(grey.shape),
                     float(s),
                     tau,
-                    _aspect_warnings(p, grey, size),
+                    _aspect_warnings(p, grey, size) + size_warnings(str(p), grey.shape, size),
                 )
         results.extend(r for r in batch if r is not None)
     return results

@@ -25,12 +25,17 @@ back to the input's own orientation. Outputs per volume `<name>`:
   or volume is pathological when its score >= tau.
 Images (PNG / JPEG): `<stem>_overlay.png` (left: the image with the pred_mask outline in red,
 right: the anomaly map blended over it) and one row each in `predictions.csv`.
-`predictions.csv` has one row per processed input (score, decision, output files); a later run
-into the same folder adds its rows. Each input's files are written aside (a hidden staging
+`predictions.csv` (pathoscope/app/predict/records.py) has one row per input: score, decision,
+output files and what made them (checkpoint hash, options), or why the input was skipped; a later
+run into the same folder adds its rows. Each input's files are written aside (a hidden staging
 folder) and moved into place together with its row as soon as that input is done: an interrupted
 run (Ctrl-C) loses at most the input in flight, and the same command again completes what is
-missing (the finished inputs are skipped as existing outputs). A row whose output file another
-input's replaces (x.jpg and x.png share x_overlay.png, with --overwrite) is dropped.
+missing (inputs done by the same checkpoint and options are left alone; when all are, it says
+that nothing was left to do and exits 0). A row whose output file another input's replaces
+(x.jpg and x.png share x_overlay.png, with --overwrite) is dropped.
+Exit status (pathoscope/exit_codes.py): 0 when every input is done, 3 when some inputs of a
+folder were skipped (the last line and predictions.csv name them), 2 for a bad checkpoint, a bad
+single input, or a folder where no input could be processed.
 Volumes with NaN or infinite voxels are refused, naming the file and the count; images that are
 not square are warned about (they are squashed to the square network size, as in training). Slice scores are taken at the network size (image_size) and the
 maps are resized back (area/bilinear), so a map's maximum can differ slightly from its score.
@@ -44,7 +49,6 @@ scored.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import os
@@ -57,6 +61,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
 from data_modules.errors import DataError
@@ -67,6 +72,16 @@ from pathoscope.app.predict.common import (
     no_bar,
 )
 from pathoscope.app.predict.images import IMAGE_SUFFIXES, image_output, overlay, predict_images
+from pathoscope.app.predict.records import (
+    SUMMARY_CSV,
+    done_inputs,
+    output_options,
+    read_rows,
+    run_fields,
+    with_row,
+    with_skipped,
+    write_rows,
+)
 from pathoscope.app.predict.volumes import (
     VOLUME_SUFFIXES,
     Slices,
@@ -78,23 +93,24 @@ from pathoscope.app.predict.volumes import (
     write_volume_result,
 )
 from pathoscope.checkpoint import CheckpointError
-from pathoscope.files import PARTIAL_PREFIX, move_together
+from pathoscope.exit_codes import EXIT_FAILURE, EXIT_USAGE, partial_exit
+from pathoscope.files import PARTIAL_PREFIX, atomic_path, move_together
 from pathoscope.folded import inference_net
 from pathoscope.postprocess import tau_value
+from pathoscope.torch_model import PathoScopeModel
 
 log = logging.getLogger(__name__)
-
-SUMMARY_CSV = "predictions.csv"  # one row per processed input, kept across runs
-ROW_FIELDS = ("input", "score", "pathological", "scored_slices")  # the others name output files
 
 
 @dataclass
 class PredictRun:
-    """What `run_predict` did: the rows of predictions.csv and the inputs it skipped."""
+    """What `run_predict` did: the rows it wrote, the inputs it skipped, its warnings, and the
+    inputs an earlier run had done (left alone)."""
 
     rows: list[dict[str, Any]]
     skipped: list[tuple[str, str]]  # (input, reason)
     warnings: list[str]
+    done: list[str]
 
 
 def _is_subject(folder: Path, modalities: Sequence[str]) -> bool:
@@ -161,6 +177,119 @@ def _output_name(entry: Path) -> str:
     return entry.stem if entry.name.lower().endswith(IMAGE_SUFFIXES) else volume_name(entry)
 
 
+def _outputs_of(entry: Path, out_dir: Path, volumes: bool) -> list[Path]:
+    if volumes:
+        return list(volume_outputs(_output_name(entry), out_dir).values())
+    return [image_output(entry, out_dir)]
+
+
+def _plan(
+    inputs: list[Path], out_dir: Path, volumes: bool, done: set[str], overwrite: bool
+) -> tuple[list[Path], list[str], list[tuple[Path, DataError]]]:
+    """(inputs to process, inputs already done, (input, why not) for the others). Existing files
+    are never replaced without `overwrite`, and two inputs never write the same file."""
+    planned: dict[str, Path] = {}
+    todo: list[Path] = []
+    already: list[str] = []
+    refused: list[tuple[Path, DataError]] = []
+    for entry in inputs:
+        name = _output_name(entry)
+        existing = [p for p in _outputs_of(entry, out_dir, volumes) if p.exists()]
+        if name in planned:
+            err = DataError(f"{entry}: output name {name!r} also used by {planned[name]}")
+            refused.append((entry, err))
+            continue
+        planned[name] = entry
+        if str(entry) in done and not overwrite:
+            already.append(str(entry))
+        elif existing and not overwrite:
+            err = DataError(
+                f"{existing[0]}: exists, made for another input or by another checkpoint or "
+                "options (pass --overwrite to replace it)"
+            )
+            refused.append((entry, err))
+        else:
+            todo.append(entry)
+    return todo, already, refused
+
+
+@dataclass
+class _Writer:
+    """Scores inputs and moves each one's files into out_dir together with its row."""
+
+    model: PathoScopeModel
+    out_dir: Path
+    staging: Path  # hidden, inside out_dir: files are written here, then moved
+    made_by: dict[str, str]
+    run: PredictRun
+    single: bool  # one input given: its failure is the command's error
+
+    def fail(self, entry: Path, err: DataError) -> None:
+        if self.single:
+            raise err
+        self.run.skipped.append((str(entry), str(err)))
+
+    def commit(self, entry: Path, score: float, staged: dict[str, Path], **extra: Any) -> None:
+        if not math.isfinite(score):  # never a NaN decision (e.g. a checkpoint that diverged)
+            self.fail(entry, DataError(f"{entry}: the score is {score} (not a finite number)"))
+            return
+        row = {
+            "input": str(entry),
+            "score": f"{score:.6g}",
+            "pathological": decision(score, tau_value(self.model.tau)),
+            **extra,
+            **self.made_by,
+            "skipped": "",
+            **{k: p.name for k, p in staged.items()},
+        }
+        summary = self.out_dir / SUMMARY_CSV
+        write_rows(self.staging / SUMMARY_CSV, with_row(read_rows(summary), row, summary))
+        moves = [(p, self.out_dir / p.name) for p in staged.values()]
+        move_together([*moves, (self.staging / SUMMARY_CSV, summary)])
+        self.run.rows.append(row)
+
+    def volumes(self, todo: list[Path], opts: _Options, net: nn.Module) -> None:
+        bar_off = True if len(todo) < 2 else no_bar(opts.progress)
+        for entry in tqdm(todo, desc="volumes", unit="volume", disable=bar_off):
+            try:
+                result = predict_volume(
+                    self.model,
+                    entry,
+                    opts.slices,
+                    opts.channel,
+                    opts.batch_size,
+                    progress=opts.progress,
+                    net=net,
+                )
+            except DataError as err:
+                self.fail(entry, err)
+                continue
+            self.run.warnings.extend(result.warnings)
+            staged = write_volume_result(result, self.staging)
+            self.commit(entry, result.score, staged, scored_slices=len(result.slices))
+
+    def images(self, todo: list[Path], opts: _Options, net: nn.Module) -> None:
+        for start in range(0, len(todo), opts.batch_size):
+            chunk = todo[start : start + opts.batch_size]
+            results = predict_images(self.model, chunk, opts.batch_size, net)
+            for entry, result in zip(chunk, results, strict=True):
+                if isinstance(result, DataError):
+                    self.fail(entry, result)
+                    continue
+                self.run.warnings.extend(result.warnings)
+                out = image_output(entry, self.staging)
+                Image.fromarray(overlay(result)).save(out)
+                self.commit(entry, result.score, {"overlay": out})
+
+
+@dataclass
+class _Options:
+    slices: Slices
+    channel: int | None
+    batch_size: int
+    progress: bool | None
+
+
 def run_predict(
     ckpt_path: str | Path,
     input_path: str | Path,
@@ -175,9 +304,9 @@ def run_predict(
     """Everything `pathoscope predict` does (module docstring).
 
     Fatal problems raise DataError / CheckpointError: a bad checkpoint, a bad single input (file
-    or subject folder), an empty folder, or a folder where no input could be processed. Inside a
-    folder, bad inputs are reported (logging) and skipped. `predictions.csv` gains the rows of
-    this run (rows of earlier runs for other inputs are kept).
+    or subject folder), an empty folder, or a folder where no input was processed or done before.
+    Inside a folder, bad inputs are reported (logging) and skipped, with a row in predictions.csv
+    saying why. `predictions.csv` keeps the rows of earlier runs for other inputs.
     """
     model = load_model(ckpt_path, device)
     pre = model.preprocessing
@@ -187,132 +316,37 @@ def run_predict(
     ):
         raise DataError(f"{out_dir}: the output folder must not be inside the input {input_path}")
     inputs, skipped = collect_inputs(input_path, pre)
-    single = inputs == [input_path]
     volumes = pre["dataset"] in VOLUME_DATASETS
-
-    def fail(entry: Path, err: DataError) -> None:
-        if single:
-            raise err
-        skipped.append((str(entry), str(err)))
-
-    # Each input's outputs: duplicates and existing files are skipped, never overwritten.
-    planned: dict[str, Path] = {}
-    todo = []
-    for entry in inputs:
-        name = _output_name(entry)
-        outs = (
-            list(volume_outputs(name, out_dir).values())
-            if volumes
-            else [image_output(entry, out_dir)]
-        )
-        if name in planned:
-            fail(entry, DataError(f"{entry}: output name {name!r} also used by {planned[name]}"))
-        elif not overwrite and (existing := [p for p in outs if p.exists()]):
-            fail(entry, DataError(f"{existing[0]}: exists (pass --overwrite to replace it)"))
-        else:
-            planned[name] = entry
-            todo.append(entry)
-    tau = tau_value(model.tau)
-    if tau is None:
+    made_by = run_fields(ckpt_path, output_options(slices, channel) if volumes else "")
+    done = done_inputs(out_dir, read_rows(out_dir / SUMMARY_CSV), made_by)
+    todo, already, refused = _plan(inputs, out_dir, volumes, done, overwrite)
+    if tau_value(model.tau) is None:
         log.warning("the checkpoint has no tau (no validation run): no pred_mask, no decisions")
-
-    net = inference_net(model)
-    rows: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    # An input's files are written into a hidden staging folder, then moved into out_dir together
-    # with its row of predictions.csv: an interrupted run loses at most the input in flight.
+    run = PredictRun([], skipped, [], already)
     staging = out_dir / f"{PARTIAL_PREFIX}{os.getpid()}"
-
-    def commit(entry: Path, score: float, staged: dict[str, Path], **extra: Any) -> None:
-        if not math.isfinite(score):  # never a NaN decision (e.g. a checkpoint that diverged)
-            fail(entry, DataError(f"{entry}: the score is {score} (not a finite number)"))
-            return
-        row = {
-            "input": str(entry),
-            "score": f"{score:.6g}",
-            "pathological": decision(score, tau),
-            **extra,
-            **{k: p.name for k, p in staged.items()},
-        }
-        _write_summary(staging / SUMMARY_CSV, _summary_rows(out_dir / SUMMARY_CSV, row))
-        moves = [(p, out_dir / p.name) for p in staged.values()]
-        move_together([*moves, (staging / SUMMARY_CSV, out_dir / SUMMARY_CSV)])
-        rows.append(row)
-
+    writer = _Writer(model, out_dir, staging, made_by, run, single=inputs == [input_path])
+    for entry, err in refused:
+        writer.fail(entry, err)
     if todo:
         staging.mkdir(parents=True, exist_ok=True)
+    opts = _Options(slices, channel, batch_size, progress)
     try:
-        if volumes:
-            bar_off = True if len(todo) < 2 else no_bar(progress)
-            for entry in tqdm(todo, desc="volumes", unit="volume", disable=bar_off):
-                try:
-                    result = predict_volume(
-                        model, entry, slices, channel, batch_size, progress=progress, net=net
-                    )
-                except DataError as err:
-                    fail(entry, err)
-                    continue
-                warnings.extend(result.warnings)
-                staged = write_volume_result(result, staging)
-                commit(entry, result.score, staged, scored_slices=len(result.slices))
-        else:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                for entry, result in zip(
-                    chunk, predict_images(model, chunk, batch_size, net), strict=True
-                ):
-                    if isinstance(result, DataError):
-                        fail(entry, result)
-                        continue
-                    warnings.extend(result.warnings)
-                    out = image_output(entry, staging)
-                    Image.fromarray(overlay(result)).save(out)
-                    commit(entry, result.score, {"overlay": out})
+        if todo:
+            (writer.volumes if volumes else writer.images)(todo, opts, inference_net(model))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for _, reason in skipped:
         log.warning("skipped %s", reason)
-    if not rows:
+    if not run.rows and not run.done:
         first = f": {skipped[0][1]}" if skipped else ""
         raise DataError(
             f"{input_path}: no input could be processed ({len(skipped)} skipped){first}"
         )
-    return PredictRun(rows, skipped, warnings)
-
-
-def _summary_rows(path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """predictions.csv's rows with `row` added: it replaces the earlier row of its input, and an
-    earlier row of another input naming one of its output files is dropped (that file is now
-    this input's, e.g. x.png's overlay replacing x.jpg's with --overwrite)."""
-    old: list[dict[str, Any]] = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    outputs = {v for k, v in row.items() if k not in ROW_FIELDS}
-    kept = []
-    for r in old:
-        if r.get("input") == row["input"]:
-            continue
-        taken = outputs & {v for k, v in r.items() if k not in ROW_FIELDS}
-        if taken:
-            log.warning(
-                "%s: row of %s removed: %s now holds the outputs of %s",
-                path,
-                r.get("input"),
-                sorted(taken)[0],
-                row["input"],
-            )
-            continue
-        kept.append(r)
-    return [*kept, row]
-
-
-def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    if skipped:  # their rows say why, beside the others
+        rows = with_skipped(read_rows(out_dir / SUMMARY_CSV), skipped, made_by)
+        with atomic_path(out_dir / SUMMARY_CSV) as tmp:
+            write_rows(tmp, rows)
+    return run
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -346,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`pathoscope predict ...`: 0 when at least one input was processed, 1 on an error."""
+    """`pathoscope predict ...`: 0 when every input is done, 3 when some inputs of a folder were
+    skipped, 2 on a usage or input error (pathoscope/exit_codes.py)."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -368,11 +403,22 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             device=device,
         )
-    except (DataError, CheckpointError, OSError) as err:
+    except (DataError, CheckpointError, FileNotFoundError) as err:
         print(f"pathoscope predict: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
-    print(
-        f"pathoscope predict: {len(run.rows)} input(s) written to {args.output}"
-        + (f", {len(run.skipped)} skipped" if run.skipped else "")
-    )
-    return 0
+        return EXIT_USAGE
+    except OSError as err:  # not the input's fault: a full disk, no permission to write
+        print(f"pathoscope predict: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(_summary_line(run, args.output))
+    where = f"{Path(args.output) / SUMMARY_CSV} and the warnings above"
+    return partial_exit("predict", dict(run.skipped), "input(s)", where)
+
+
+def _summary_line(run: PredictRun, output: str) -> str:
+    if not run.rows and not run.skipped:
+        return (
+            f"pathoscope predict: nothing left to do: the {len(run.done)} input(s) are done in "
+            f"{output} by this checkpoint and options (pass --overwrite to redo them)"
+        )
+    done = f", {len(run.done)} done before" if run.done else ""
+    return f"pathoscope predict: {len(run.rows)} input(s) written to {output}{done}"

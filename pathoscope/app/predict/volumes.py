@@ -38,7 +38,7 @@ from data_modules.brats_volumes import (
 from data_modules.common import to_rgb
 from data_modules.errors import DataError
 from data_modules.transforms import normalize, resize
-from pathoscope.app.predict.common import decision, no_bar, score_batch
+from pathoscope.app.predict.common import decision, no_bar, score_batch, size_warnings
 from pathoscope.app.predict.montage import write_montage
 from pathoscope.folded import inference_net
 from pathoscope.postprocess import pathological, tau_value
@@ -224,6 +224,7 @@ def predict_volume(
     warnings = _check_domain(spacing, float(foreground[:, :, lo : hi + 1].mean()), pre, str(path))
     for w in warnings:
         log.warning(w)
+    warnings += size_warnings(f"{path} (axial slices)", volumes[0].shape, int(pre["image_size"]))
 
     normed = []
     for f, v in zip(files, volumes, strict=True):

@@ -367,6 +367,11 @@ def test_misnamed_seg_is_reported_and_skipped(
     assert "BraTS20_Training_020/BraTS20_Training_020_seg.nii.gz: missing" in caplog.text
     assert "W39_1998.09.19_Segm.nii.gz" in caplog.text  # says what the folder has
     assert SUBJECT(20) not in dm.train_subjects + dm.test_subjects
+    # Recorded with the reason, for metrics.json and summary.md (found when scanning).
+    (reason,) = dm.split.info["skipped_subjects"].values()
+    assert (
+        list(dm.split.info["skipped_subjects"]) == [SUBJECT(20)] and "seg.nii.gz: missing" in reason
+    )
     with pytest.raises(DataError, match="BraTS20_Training_020_seg.nii.gz: missing"):
         _dm(brats_root, strict=True)
 
@@ -460,6 +465,8 @@ def test_non_finite_voxels(
         dm = _dm(root)
     assert message in caplog.text
     assert victim not in dm.train_subjects + dm.test_subjects and len(dm.train_subjects) == 2
+    # Found when its volume was read in full (after the selection): recorded too.
+    assert message in dm.split.info["skipped_subjects"][victim]
 
 
 def test_seg_labels_outside_brats_are_named(

@@ -260,3 +260,5 @@ def test_unreadable_png(
     assert f"{victim}: cannot read PNG image" in caplog.text
     assert victim not in {s.subject for s in dm.split.test}
     assert len(dm.split.test) == 12  # another test image took its place
+    assert list(dm.split.info["skipped_images"]) == [victim]  # for metrics.json, with why
+    assert "cannot read PNG image" in dm.split.info["skipped_images"][victim]

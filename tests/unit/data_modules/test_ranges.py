@@ -15,12 +15,17 @@ from data_modules.brats import BraTSDataModule
 from data_modules.chestxray8 import ChestXray8DataModule
 
 ROOT = "/no/such/root"  # never read: the constructors check their arguments only
+IMAGE_SIZE = "image_size (--data.image_size) must be an integer in [8, 1024],"
 
 COMMON = [
     ("shots", 0, "shots must be >= 1, got 0"),
     ("seed", -1, "seed must be >= 0, got -1"),
     ("test_seed", -2, "test_seed must be >= 0, got -2"),
-    ("image_size", 0, "image_size must be >= 1, got 0"),
+    ("image_size", 0, f"{IMAGE_SIZE} got 0: below 8 px the image holds no cell"),
+    ("image_size", 7, f"{IMAGE_SIZE} got 7: below 8 px the image holds no cell"),
+    ("image_size", 1025, f"{IMAGE_SIZE} got 1025: below 8 px"),
+    ("image_size", 100000, f"{IMAGE_SIZE} got 100000: below 8 px"),
+    ("image_size", 64.0, f"{IMAGE_SIZE} got 64.0"),
     ("batch_size", 0, "batch_size must be >= 1, got 0"),
     ("steps_per_epoch", 0, "steps_per_epoch must be >= 1, got 0"),
     ("num_workers", -1, "num_workers must be >= 0, got -1"),
@@ -59,6 +64,9 @@ def test_chestxray8_data_module_refuses_out_of_range_settings(
 
 def test_defaults_and_edges_are_accepted(tmp_path: Path) -> None:
     BraTSDataModule(ROOT, shots=1, seed=0, n_test_healthy=0, intensity_lesions=1.0)
+    for size in (8, 1024):  # the image_size bounds: one feature cell; what memory holds
+        BraTSDataModule(ROOT, shots=1, image_size=size)
+        ChestXray8DataModule(ROOT, shots=1, image_size=size)
     ChestXray8DataModule(ROOT, shots=1, test_abnormal_fraction=0.0, view=None)
     ChestXray8DataModule(ROOT, shots=1, test_abnormal_fraction=1.0, view="ap")
 

@@ -179,10 +179,16 @@ class AnomalyPanels(Callback):
             "panels": entries,
         }
         (out_dir / "panels.json").write_text(json.dumps(report, indent=2) + "\n")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="test/panels", images=panels, caption=captions)
-                logger.log_image(key="test/panels_overview", images=[overview])
+        _log_to_wandb(trainer, panels, captions, overview)
+
+
+def _log_to_wandb(
+    trainer: L.Trainer, panels: list[np.ndarray], captions: list[str], overview: np.ndarray
+) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="test/panels", images=panels, caption=captions)
+            logger.log_image(key="test/panels_overview", images=[overview])
 
 
 def _header(

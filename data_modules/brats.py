@@ -97,6 +97,22 @@ class _Selection:
     val: dict[str, list[int]]  # training subject -> other healthy slices
 
 
+def _modalities(modality: str | list[str]) -> list[str]:
+    mods = [modality] if isinstance(modality, str) else list(modality)
+    if len(mods) not in (1, 3) or any(m not in MODALITIES for m in mods):
+        raise ValueError(
+            f"modality must be one of {MODALITIES} or a list of three of them, got {modality!r}"
+        )
+    return mods
+
+
+def _slice_range(slice_range: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = (int(v) for v in slice_range)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"slice_range must be (lo, hi) with 0 <= lo <= hi, got {slice_range}")
+    return lo, hi
+
+
 BRATS_LABELS = (0, 1, 2, 4)  # background, necrotic / non-enhancing core, oedema, enhancing
 
 
@@ -142,16 +158,8 @@ class BraTSDataModule(FewShotDataModule):
         )
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
-        mods = [modality] if isinstance(modality, str) else list(modality)
-        if len(mods) not in (1, 3) or any(m not in MODALITIES for m in mods):
-            raise ValueError(
-                f"modality must be one of {MODALITIES} or a list of three of them, got {modality!r}"
-            )
-        self.modalities = mods
-        lo, hi = (int(v) for v in slice_range)
-        if not 0 <= lo <= hi:
-            raise ValueError(f"slice_range must be (lo, hi) with 0 <= lo <= hi, got {slice_range}")
-        self.slice_range = (lo, hi)
+        self.modalities = _modalities(modality)
+        self.slice_range = _slice_range(slice_range)
         check_arguments(
             {
                 "n_test_healthy": (n_test_healthy, "[0, inf)"),

@@ -205,14 +205,6 @@ def test_every_module_outside_tests_is_small() -> None:
 
 # ------------------------------------------------------------------------------- functions
 MAX_FUNCTION_LINES = 60  # docstring not counted
-# Functions still longer, in files being changed elsewhere at the time; to split: issue 19.
-LONG_FUNCTIONS_TO_SPLIT = {
-    ("pathoscope/app/predict/run.py", "run_predict"),
-    ("pathoscope/app/predict/volumes.py", "predict_volume"),
-    ("pathoscope/app/experiments.py", "run_one"),
-    ("data_modules/brats.py", "BraTSDataModule.__init__"),
-    ("callbacks/panels.py", "AnomalyPanels.on_test_end"),
-}
 
 
 def function_lengths(source: str) -> dict[str, int]:
@@ -265,10 +257,7 @@ def test_no_function_outside_tests_is_long() -> None:
             for name, lines in function_lengths((REPO / f).read_text()).items():
                 if lines > MAX_FUNCTION_LINES:
                     long_ones[(f.as_posix(), name)] = lines
-    new = {key: n for key, n in long_ones.items() if key not in LONG_FUNCTIONS_TO_SPLIT}
-    assert new == {}, f"functions over {MAX_FUNCTION_LINES} lines (docstring not counted)"
-    split = LONG_FUNCTIONS_TO_SPLIT - set(long_ones)
-    assert split == set(), "no longer long (or gone): remove from LONG_FUNCTIONS_TO_SPLIT"
+    assert long_ones == {}, f"functions over {MAX_FUNCTION_LINES} lines (docstring not counted)"
 
 
 # ------------------------------------------------------------------------------- README

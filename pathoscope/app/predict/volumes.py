@@ -172,6 +172,98 @@ def _check_domain(
     return out
 
 
+def _read_volumes(files: list[Path], channel: int | None) -> tuple[list[np.ndarray], Any]:
+    """The modalities' arrays and the first file's image (affine, header); one shape and affine."""
+    raws, ref = [], None
+    for f in files:
+        data, img = _read_nifti(f, channel)
+        if ref is None:
+            ref = img
+        elif data.shape != raws[0].shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+            raise DataError(f"{f}: shape or affine differs from {files[0].name}")
+        raws.append(data)
+    assert ref is not None
+    return raws, ref
+
+
+def _to_training(
+    raws: list[np.ndarray], ref: Any, axcodes: tuple[str, ...]
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Reorient to the training orientation (flips / axis permutation only, no resampling):
+    (the orientation transform, the volumes, the voxel spacing in that orientation)."""
+    to_train = ornt_transform(io_orientation(ref.affine), axcodes2ornt(axcodes))
+    volumes = [np.ascontiguousarray(apply_orientation(v, to_train)) for v in raws]
+    spacing = np.empty(3)
+    for axis, (dest, _) in enumerate(to_train):
+        spacing[int(dest)] = float(ref.header.get_zooms()[axis])
+    return to_train, volumes, spacing
+
+
+def _normalised(files: list[Path], volumes: list[np.ndarray], method: str) -> list[np.ndarray]:
+    """Per volume and modality, as in training (checkpoints before the option: percentile)."""
+    normed = []
+    for f, v in zip(files, volumes, strict=True):
+        try:
+            normed.append(normalize_volume(v, method))
+        except DataError as err:
+            raise DataError(f"{f}: {err}") from None
+    return normed
+
+
+def _scored_slices(
+    foreground: np.ndarray, slices: Slices, pre: dict[str, Any], first: Path
+) -> tuple[int, int, list[int]]:
+    """(lo, hi, the slices of lo..hi with a voxel > 0) in training orientation."""
+    depth = foreground.shape[2]
+    if slices is None:
+        slices = tuple(pre.get("slice_range") or (0, depth - 1))
+    lo, hi = (0, depth - 1) if slices == "all" else (int(slices[0]), int(slices[1]))
+    if hi >= depth:
+        raise DataError(
+            f"{first}: slices {lo}..{hi} need {hi + 1} axial slices, the volume has {depth} "
+            "(pass --slices A:B or --slices all)"
+        )
+    scored = [k for k in range(lo, hi + 1) if foreground[:, :, k].any()]
+    if not scored:
+        raise DataError(f"{first}: no voxel > 0 in axial slices {lo}..{hi}")
+    return lo, hi, scored
+
+
+def _score_slices(
+    net: nn.Module,
+    model: PathoScopeModel,
+    normed: list[np.ndarray],
+    scored: list[int],
+    batch_size: int,
+    bar: Any,
+) -> tuple[np.ndarray, list[float]]:
+    """Anomaly map (X', Y', Z') of the scored slices at the slice size, and their scores."""
+    size = int(model.preprocessing["image_size"])
+    amap = np.zeros(normed[0].shape, dtype=np.float32)
+    scores: list[float] = []
+    for start in range(0, len(scored), batch_size):
+        ks = scored[start : start + batch_size]
+        arrays = preprocess_slices(normed, ks, size)  # image (n, S, S, C), foreground (n, S, S)
+        images = torch.stack([normalize(to_rgb(im)) for im in arrays["image"]])  # (n, 3, S, S)
+        fg = torch.from_numpy(arrays["foreground"][:, None])  # (n, 1, S, S)
+        batch_scores, maps = score_batch(net, images, fg, model.tau.device)
+        scores.extend(batch_scores.tolist())
+        for k, m in zip(ks, maps, strict=True):
+            full, _ = resize(m[:, :, None], amap.shape[:2])
+            amap[:, :, k] = full.reshape(amap.shape[:2])
+        bar.update(len(ks))
+    bar.close()
+    return amap, scores
+
+
+def _input_indices(to_train: np.ndarray, shape: tuple[int, ...], scored: list[int]) -> list[int]:
+    """Slice k (training) lies along the input axis that maps to training axis 2."""
+    src_axis = int(np.flatnonzero(to_train[:, 0] == 2)[0])
+    flipped = to_train[src_axis, 1] < 0
+    n_src = shape[src_axis]
+    return [n_src - 1 - k if flipped else k for k in scored]
+
+
 def predict_volume(
     model: PathoScopeModel,
     path: str | Path,
@@ -189,70 +281,23 @@ def predict_volume(
     path = Path(path)
     pre = model.preprocessing
     files = volume_files(path, list(pre.get("modality") or ["flair"]))
-    raws, ref = [], None
-    for f in files:
-        data, img = _read_nifti(f, channel)
-        if ref is None:
-            ref = img
-        elif data.shape != raws[0].shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
-            raise DataError(f"{f}: shape or affine differs from {files[0].name}")
-        raws.append(data)
-    assert ref is not None
+    raws, ref = _read_volumes(files, channel)
     shape = raws[0].shape
 
-    # Reorient to the training orientation (flips / axis permutation only, no resampling).
     axcodes = tuple(pre.get("axcodes") or DEFAULT_AXCODES)
-    to_train = ornt_transform(io_orientation(ref.affine), axcodes2ornt(axcodes))
-    volumes = [np.ascontiguousarray(apply_orientation(v, to_train)) for v in raws]
-    spacing = np.empty(3)
-    for axis, (dest, _) in enumerate(to_train):
-        spacing[int(dest)] = float(ref.header.get_zooms()[axis])
-    depth = volumes[0].shape[2]
-    if slices is None:
-        slices = tuple(pre.get("slice_range") or (0, depth - 1))
-    lo, hi = (0, depth - 1) if slices == "all" else (int(slices[0]), int(slices[1]))
-    if hi >= depth:
-        raise DataError(
-            f"{files[0]}: slices {lo}..{hi} need {hi + 1} axial slices, the volume has {depth} "
-            "(pass --slices A:B or --slices all)"
-        )
+    to_train, volumes, spacing = _to_training(raws, ref, axcodes)
     foreground = np.max([v > 0 for v in volumes], axis=0)  # (X', Y', Z') training orientation
-    candidates = list(range(lo, hi + 1))
-    scored = [k for k in candidates if foreground[:, :, k].any()]
-    if not scored:
-        raise DataError(f"{files[0]}: no voxel > 0 in axial slices {lo}..{hi}")
+    lo, hi, scored = _scored_slices(foreground, slices, pre, files[0])
     warnings = _check_domain(spacing, float(foreground[:, :, lo : hi + 1].mean()), pre, str(path))
     for w in warnings:
         log.warning(w)
     warnings += size_warnings(f"{path} (axial slices)", volumes[0].shape, int(pre["image_size"]))
 
-    normed = []
-    for f, v in zip(files, volumes, strict=True):
-        try:
-            # per volume and modality, as in training (checkpoints before the option: percentile)
-            normed.append(normalize_volume(v, str(pre.get("intensity_norm", "percentile"))))
-        except DataError as err:
-            raise DataError(f"{f}: {err}") from None
-
-    # Score in batches; maps go back to the slice size (training orientation).
-    net = net or inference_net(model)
-    size = int(pre["image_size"])
-    amap = np.zeros(volumes[0].shape, dtype=np.float32)
-    scores = []
+    normed = _normalised(files, volumes, str(pre.get("intensity_norm", "percentile")))
     bar = tqdm(total=len(scored), desc=path.name, unit="slice", disable=no_bar(progress))
-    for start in range(0, len(scored), batch_size):
-        ks = scored[start : start + batch_size]
-        arrays = preprocess_slices(normed, ks, size)  # image (n, S, S, C), foreground (n, S, S)
-        images = torch.stack([normalize(to_rgb(im)) for im in arrays["image"]])  # (n, 3, S, S)
-        fg = torch.from_numpy(arrays["foreground"][:, None])  # (n, 1, S, S)
-        batch_scores, maps = score_batch(net, images, fg, model.tau.device)
-        scores.extend(batch_scores.tolist())
-        for k, m in zip(ks, maps, strict=True):
-            full, _ = resize(m[:, :, None], amap.shape[:2])
-            amap[:, :, k] = full.reshape(amap.shape[:2])
-        bar.update(len(ks))
-    bar.close()
-
+    amap, scores = _score_slices(
+        net or inference_net(model), model, normed, scored, batch_size, bar
+    )
     tau = tau_value(model.tau)
     pred = None
     if tau is not None:
@@ -264,11 +309,6 @@ def predict_volume(
     amap_in = np.ascontiguousarray(apply_orientation(amap, to_input))
     pred_in = None if pred is None else np.ascontiguousarray(apply_orientation(pred, to_input))
     assert amap_in.shape == shape, (amap_in.shape, shape)
-    # Slice k (training) lies along the input axis that maps to training axis 2.
-    src_axis = int(np.flatnonzero(to_train[:, 0] == 2)[0])
-    flipped = to_train[src_axis, 1] < 0
-    n_src = shape[src_axis]
-    input_indices = [n_src - 1 - k if flipped else k for k in scored]
     slice_scores = np.asarray(scores, dtype=np.float64)
     return VolumeResult(
         name=path.name if path.is_dir() else volume_name(path),
@@ -276,7 +316,7 @@ def predict_volume(
         anomaly_map=amap_in,
         pred_mask=pred_in,
         slices=scored,
-        input_indices=input_indices,
+        input_indices=_input_indices(to_train, shape, scored),
         slice_scores=slice_scores,
         score=float(slice_scores.max()),
         tau=tau,

@@ -137,3 +137,36 @@ def test_figure_verbs_bad_input_is_one_line(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gaussian_embeddings_sit_at_the_cells_pieg_perturbed() -> None:
+    """With pieg.max_cells PiEG perturbs a random subset of the foreground cells; the Gaussian
+    reference must start from the same cells, row for row, or the ratio compares other places."""
+    from types import SimpleNamespace
+
+    from pathoscope.hparams import LossParams, PiEGParams
+    from pathoscope.torch_model import Synthesis
+
+    b, h, w, c = 2, 4, 4, 3
+    v = torch.arange(2 * b * h * w * c, dtype=torch.float32).reshape(2 * b, h, w, c)
+    picked = torch.tensor([13, 2, 27, 8])  # the random cells PiEG perturbed, in its order
+
+    def synthesize(v_n: torch.Tensor, *args: object) -> Synthesis:
+        base = v_n.reshape(-1, c)[picked].reshape(1, -1, 1, c)
+        return Synthesis(base + 1.0, None, None, base, None)
+
+    model = SimpleNamespace(
+        hp=SimpleNamespace(pieg=PiEGParams(noise_std=0.0), losses=LossParams()),
+        pieg_unit=lambda: 1.0,
+        tau=torch.tensor(0.0),
+        embed=lambda x: v,
+        synthesize=synthesize,
+    )
+    batch = {
+        "image": torch.zeros(b, 3, 8 * h, 8 * w),
+        "lesion_image": torch.zeros(b, 3, 8 * h, 8 * w),
+        "foreground": torch.ones(b, 1, 8 * h, 8 * w, dtype=torch.bool),
+    }
+    sets = embedding_space.synthetic_embeddings(model, [batch], batches=1, seed=0)
+    assert sets["pieg"].shape == sets["gaussian"].shape == (4, c)
+    torch.testing.assert_close(sets["pieg"] - sets["gaussian"], torch.ones(4, c))

@@ -93,11 +93,19 @@ def synthetic_embeddings(
         fg = mask_to_grid(batch["foreground"].to(device), tuple(v.shape[1:3]), 0.5)
         use_fg = fg if model.hp.losses.global_in_foreground else None
         with torch.enable_grad():
-            v_s = model.synthesize(v_n, v_p, use_fg, step).v_s.detach()
-        noise = torch.randn(v_n.shape, generator=gen) * (pg.noise_std * unit) + pg.noise_mean * unit
-        # v_s is v_n's shape, or already its foreground cells (losses.synthetic_in_foreground)
-        pieg.append((v_s[fg] if v_s.shape == v_n.shape else v_s.reshape(-1, v_s.shape[-1])).cpu())
-        gauss.append((v_n + noise.to(device))[fg].cpu())
+            syn = model.synthesize(v_n, v_p, use_fg, step)
+        # The Gaussian start alone, at the cells PiEG perturbed (`base`: v_n, its foreground
+        # cells with losses.synthetic_in_foreground, a random subset of them with pieg.max_cells),
+        # so that row i of both sets comes from the same v_n cell.
+        base, v_s = syn.base.detach(), syn.v_s.detach()
+        noise = (
+            torch.randn(base.shape, generator=gen) * (pg.noise_std * unit) + pg.noise_mean * unit
+        )
+        gaussian = base + noise.to(device)
+        if v_s.shape == v_n.shape:  # every cell perturbed: keep the foreground ones
+            v_s, gaussian = v_s[fg], gaussian[fg]
+        pieg.append(v_s.reshape(-1, v_s.shape[-1]).cpu())
+        gauss.append(gaussian.reshape(-1, gaussian.shape[-1]).cpu())
     if not pieg:
         raise ValueError("embeddings: the training loader yielded no batch")
     return {"pieg": torch.cat(pieg), "gaussian": torch.cat(gauss)}

@@ -36,12 +36,14 @@ from torch import Tensor
 
 from pathoscope.files import atomic_path, write_text
 from pathoscope.metrics import (
+    AREA_BINS,
     best_dice,
     dice_score,
     image_auroc,
     iou_score,
     pixel_auroc,
     pro_score,
+    sensitivity_by_area,
 )
 from pathoscope.postprocess import ImageThreshold, pathological
 
@@ -67,8 +69,9 @@ METRIC_KEYS = (
     "specificity",
     "dice_at_tau",
     "iou_at_tau",
+    *(f"sensitivity_area_{name}" for name in AREA_BINS),
 )
-JSON_KEYS = (*METRIC_KEYS, "eval_size", "weights", "checkpoint")
+JSON_KEYS = (*METRIC_KEYS, "lesion_area_counts", "eval_size", "weights", "checkpoint")
 
 _ITEM_KEYS = ("gt_mask", "foreground", "has_mask", "label", "subject", "slice", "index")
 
@@ -122,6 +125,9 @@ def compute_metrics(data: EvalData, tau: float | None, fpr_limit: float = 0.3) -
             out["sensitivity"] = float(np.mean(decision[positive]))
         if (~positive).any():
             out["specificity"] = float(np.mean(~decision[~positive]))
+        out.update({f"sensitivity_area_{k}": v for k, (v, _) in _by_area(data, decision).items()})
+    counts = _by_area(data, np.zeros(len(data), bool))
+    out["lesion_area_counts"] = {k: n for k, (_, n) in counts.items()}
 
     pixel = data.pixel_items
     if pixel.all():  # no copy of the maps in the usual case
@@ -140,6 +146,12 @@ def compute_metrics(data: EvalData, tau: float | None, fpr_limit: float = 0.3) -
         out["dice_at_tau"] = dice_score(pred_masks, gt_masks)
         out["iou_at_tau"] = iou_score(pred_masks, gt_masks)
     return out
+
+
+def _by_area(data: EvalData, decision: np.ndarray) -> dict[str, tuple[float | None, int]]:
+    """Sensitivity by lesion area (pathoscope.metrics.AREA_BINS) of the pixel-masked lesions."""
+    keep = (data.labels == 1) & data.has_mask
+    return sensitivity_by_area(decision[keep], data.gt_masks[keep], data.foreground[keep])
 
 
 def resolve_output_dir(trainer: L.Trainer, output_dir: str | None) -> Path:
@@ -400,7 +412,7 @@ class AnomalyMetrics(Callback):
         metrics = compute_metrics(data, tau, self.fpr_limit)
         self.results[stage] = data
         self.metrics[stage] = metrics
-        logged = {f"{stage}/{k}": float(v) for k, v in metrics.items() if v is not None}
+        logged = {f"{stage}/{k}": float(metrics[k]) for k in METRIC_KEYS if metrics[k] is not None}
         if logged:
             # Every rank holds the same gathered values; syncing them changes nothing.
             pl_module.log_dict(logged, sync_dist=True)

@@ -38,7 +38,14 @@ EXTRA_METRICS: dict[str, str] = {
     "dice_at_tau": "Dice@tau",
     "iou_at_tau": "IoU@tau",
 }
-SUMMARY_METRICS = (*TABLE_METRICS, *EXTRA_METRICS, "tau")
+# Sensitivity@tau by lesion area, a fraction of the slice's foreground (pathoscope.metrics.AREA_BINS).
+AREA_METRICS: dict[str, str] = {
+    "sensitivity_area_lt1": "< 1 %",
+    "sensitivity_area_1to3": "1-3 %",
+    "sensitivity_area_3to10": "3-10 %",
+    "sensitivity_area_ge10": ">= 10 %",
+}
+SUMMARY_METRICS = (*TABLE_METRICS, *EXTRA_METRICS, *AREA_METRICS, "tau")
 # metrics.json's record of the bad inputs a data module left out ({name: reason}), by dataset.
 SKIPPED_KEYS = ("skipped_subjects", "skipped_images")
 GridResult = tuple[tuple[tuple[str, str], ...], int, dict[str, Any]]  # (params, K, summary)
@@ -84,6 +91,7 @@ def summarize(
         "checkpoint": "last",
         "weights": weights[0] if len(weights) == 1 else weights,
         "eval_size": per_seed[0].get("eval_size") if per_seed else None,
+        "lesion_area_counts": per_seed[0].get("lesion_area_counts") if per_seed else None,
         **skipped_inputs(per_seed),
     }
 
@@ -112,6 +120,25 @@ def _skipped_lines(summary: dict[str, Any]) -> list[str]:
                 f"{', '.join(names)}."
             )
     return lines
+
+
+def _area_lines(summary: dict[str, Any]) -> list[str]:
+    """Sensitivity@tau by lesion area (% of the slice's foreground), with each bin's test items."""
+    counts = summary.get("lesion_area_counts") or {}
+    if not any(counts.values()):
+        return []
+    names = [k.removeprefix("sensitivity_area_") for k in AREA_METRICS]
+    return [
+        "| Sensitivity@tau by lesion area (% of the slice's foreground) | "
+        + " | ".join(
+            f"{t} (n = {counts.get(n, 0)})"
+            for t, n in zip(AREA_METRICS.values(), names, strict=True)
+        )
+        + " |",
+        "|---|" + "---|" * len(AREA_METRICS),
+        "| % | " + " | ".join(_pct(summary["metrics"].get(k)) for k in AREA_METRICS) + " |",
+        "",
+    ]
 
 
 def _pct(stat: dict[str, Any] | None) -> str:
@@ -149,6 +176,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * len(EXTRA_METRICS),
         "| " + " | ".join(_pct(m.get(k)) for k in EXTRA_METRICS) + " |",
         "",
+        *_area_lines(summary),
         (
             f"Mean ± std (sample std, ddof 1) over {n} seeds (0..{n - 1}); the same test set for "
             "every seed, only the K training shots change."

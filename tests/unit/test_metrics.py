@@ -356,3 +356,21 @@ def test_to_numpy() -> None:
     assert isinstance(arr, np.ndarray) and arr.shape == (2, 3)
     np.testing.assert_array_equal(arr, np.arange(6).reshape(2, 3))
     assert to_numpy([1, 2]).tolist() == [1, 2]
+
+
+def test_sensitivity_by_lesion_area_by_hand() -> None:
+    """Four pathological 10 x 10 slices, foreground 50 pixels: lesions of 0, 1, 2 and 10 pixels
+    (0, 2, 4 and 20 % of the foreground); detected: the 1- and 10-pixel ones."""
+    from pathoscope.metrics import sensitivity_by_area
+
+    gt = np.zeros((4, 10, 10), bool)
+    fg = np.zeros((4, 10, 10), bool)
+    fg[:, :5] = True
+    gt[1, 0, 0] = True
+    gt[2, 0, :2] = True
+    gt[3, 1, :] = True
+    got = sensitivity_by_area(np.array([True, True, False, True]), gt, fg)
+    # 1 pixel = 2 %: bin 1to3; 2 pixels = 4 %: 3to10; 10 pixels = 20 %: ge10; no lesion: no bin
+    assert got == {"lt1": (None, 0), "1to3": (1.0, 1), "3to10": (0.0, 1), "ge10": (1.0, 1)}
+    empty = sensitivity_by_area(np.zeros(0, bool), gt[:0], fg[:0])
+    assert all(v == (None, 0) for v in empty.values())

@@ -63,6 +63,22 @@ def test_summary_statistics_by_hand() -> None:
     assert "Backbone weights: random" in md and "Checkpoint reported: last" in md
 
 
+def test_summary_tables_sensitivity_by_lesion_area() -> None:
+    counts = {"lt1": 3, "1to3": 0, "3to10": 5, "ge10": 2}
+    seeds = [
+        {**_metrics(0.6), "sensitivity_area_lt1": v, "lesion_area_counts": counts}
+        for v in (1 / 3, 2 / 3)
+    ]
+    s = reporting.summarize("brats", "pathoscope", 2, seeds)
+    assert s["metrics"]["sensitivity_area_lt1"]["mean"] == pytest.approx(0.5)
+    lines = reporting.summary_markdown(s).splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("| Sensitivity@tau by lesion"))
+    assert "< 1 % (n = 3) | 1-3 % (n = 0) | 3-10 % (n = 5) | >= 10 % (n = 2) |" in lines[head]
+    assert lines[head + 2] == "| % | 50.00 ± 23.57 | - | - | - |"
+    no_masks = reporting.summarize("chestxray8", "x", 2, [_metrics(0.5)])
+    assert "by lesion area" not in reporting.summary_markdown(no_masks)
+
+
 def test_summary_records_the_skipped_subjects_of_every_seed() -> None:
     """A subject found bad when read in full is found only by the seeds that select it: the
     summary holds every seed's, with the reasons, and summary.md says the table lacks them."""

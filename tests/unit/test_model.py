@@ -320,7 +320,9 @@ def test_pieg_direction_reaches_pieg(
     real = model_module.pieg
 
     def spy(*args: object, **kwargs: object) -> torch.Tensor:
-        seen.append(str(kwargs["direction"]))
+        params = kwargs["params"]
+        assert isinstance(params, PiEGParams)
+        seen.append(params.direction)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "pieg", spy)

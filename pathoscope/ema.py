@@ -77,8 +77,11 @@ class EMACallback(Callback):
       checkpoints during the fit: `state_dict` holds the average (what inference uses) and
         `checkpoint["pathoscope"]["ema"]` = {"updates", "raw": the raw weights by state_dict key};
       train end: the average stays in the model (test, predict, later checkpoints); done.
-    Lightning calls no callback for a weights-only checkpoint: mid-fit, such a file holds the raw
-    weights.
+    The checkpoint keys are those the LightningModule wrote when it ran the average itself, so its
+    checkpoints resume. Lightning runs a module's callbacks after the Trainer's and before
+    ModelCheckpoint: the other callbacks' validation-epoch-end hooks still see the average, and a
+    checkpoint written after a batch includes that batch's update. Lightning calls no callback for
+    a weights-only checkpoint: mid-fit, such a file holds the raw weights.
     """
 
     def __init__(self, decay: float) -> None:

@@ -36,6 +36,7 @@ from callbacks.metrics import EvalData, compute_metrics
 from pathoscope.app.configs import config_files
 from pathoscope.app.lightning_cli import lightning_cli
 from pathoscope.app.reporting import mean_std_cell
+from pathoscope.ema import averaged_weights
 from pathoscope.files import write_text
 from pathoscope.postprocess import image_score
 
@@ -87,16 +88,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-@torch.no_grad()
 def evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]:
-    """Test metrics of the four scorings (module docstring) of the module's current weights."""
+    """Test metrics of the four scorings (module docstring) of the module's current weights; during
+    a fit with optim.ema_decay, of their average, as validation does."""
+    with averaged_weights(module.trainer):
+        return _evaluate(module, dm)
+
+
+@torch.no_grad()
+def _evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]:
     was_training = module.training
     module.eval()
     model = module.model
-    ema = getattr(module, "_ema", None)  # optim.ema_decay: evaluate the average, as validation does
-    swap = ema is not None and not module._ema_swapped
-    if swap:
-        ema.swap()
     maps: dict[str, list[np.ndarray]] = {}
     scores: dict[str, list[np.ndarray]] = {}
     gts, fgs, labels = [], [], []
@@ -139,8 +142,6 @@ def evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]:
         )
         met = compute_metrics(data, tau=None)
         out[name] = {k: round(float(met[k]), 4) for k in KEYS}
-    if swap:
-        ema.swap()
     module.train(was_training)
     return out
 

@@ -2,8 +2,9 @@
 
 It holds no maths: the training losses and the inference path are the torch model's. What it adds
 is what a Trainer needs: the two optimisers stepped as one, the anchor bank built from the
-datamodule at fit start, the folded detector for validation and test, log keys, and the
-checkpoint's version and metadata (pathoscope/checkpoint.py).
+datamodule at fit start, the folded detector for validation and test (`folded.inference_net`), the
+weight average's callback (optim.ema_decay: `configure_callbacks`, pathoscope/ema.py), log keys,
+and the checkpoint's version and metadata (pathoscope/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from pathoscope.checkpoint import (
     CHECKPOINT_VERSION,
@@ -25,8 +27,8 @@ from pathoscope.checkpoint import (
     model_params,
     read_checkpoint,
 )
-from pathoscope.ema import WeightEMA
-from pathoscope.folded import FoldedDetector
+from pathoscope.ema import EMACallback
+from pathoscope.folded import inference_net
 from pathoscope.hparams import (
     BankParams,
     LossParams,
@@ -73,9 +75,9 @@ class PathoScope(L.LightningModule):
         self.model = PathoScopeModel(network, pieg, losses, bank, scoring)
         self.optim = coerce(OptimParams, optim)
         self.save_hyperparameters({**self.model.hp.to_dict(), "optim": asdict(self.optim)})
-        self._ema: WeightEMA | None = None  # during fit with optim.ema_decay > 0
-        self._ema_swapped = False  # the average is in the model (validation)
-        self._ema_resume: dict[str, Any] | None = None  # raw weights from a resumed checkpoint
+        # The detector of the current evaluation epoch (`_start_evaluation`), in a tuple: outside
+        # the module tree, so never in state_dict.
+        self._evaluator: tuple[nn.Module, ...] = ()
 
     # -- what callbacks and reports read ------------------------------------------------------------
     @property
@@ -130,32 +132,25 @@ class PathoScope(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["pathoscope"] = {
-            "version": CHECKPOINT_VERSION,
-            "weights": self.model.weights_tag,
-            "preprocessing": self.model.preprocessing,
-        }
-        if self._ema is not None:
-            # The checkpoint's weights are the averaged ones (what inference uses); the raw
-            # weights and the average's step count let a resumed fit continue both.
-            ema, state = self._ema, checkpoint["state_dict"]
-            averaged = {k: state[k].clone() for k in ema.shadow} if self._ema_swapped else {}
-            raw = dict(ema.shadow) if self._ema_swapped else {k: state[k] for k in ema.shadow}
-            state.update({k: v.clone() for k, v in (averaged or ema.shadow).items()})
-            checkpoint["pathoscope"]["ema"] = {
-                "updates": ema.updates,
-                "raw": {k: v.clone() for k, v in raw.items()},
-            }
+        # Added to what callbacks wrote there before (EMACallback: "ema").
+        checkpoint.setdefault("pathoscope", {}).update(
+            version=CHECKPOINT_VERSION,
+            weights=self.model.weights_tag,
+            preprocessing=self.model.preprocessing,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = check_version(checkpoint, "checkpoint")
         self.model.weights_tag = meta["weights"]
         self.model.preprocessing = dict(meta.get("preprocessing") or {})
-        self._ema_resume = meta.get("ema")
 
     # -- fit ----------------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        """The weight average of optim.ema_decay > 0 (`EMACallback`): every Trainer that fits this
+        module runs it, the CLI's and a Python user's alike."""
+        return [EMACallback(self.optim.ema_decay)] if self.optim.ema_decay > 0.0 else []
+
     def on_fit_start(self) -> None:
-        self._start_ema()
         self.model.clear_feature_pool()  # data.train_pool: features of this fit's data only
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "preprocessing"):
@@ -170,31 +165,8 @@ class PathoScope(L.LightningModule):
         batch = dm.anchor_images(copies=bank.copies + bank.heldout_copies, seed=bank.seed)
         self.model.build_bank(batch["image"], n_bank_images=dm.shots * (1 + bank.copies))
 
-    def _start_ema(self) -> None:
-        """The weight average of a fit (optim.ema_decay > 0); a resumed fit continues its own."""
-        self._ema, self._ema_swapped = None, False
-        if self.optim.ema_decay <= 0.0:
-            return
-        trained = {
-            "model.adapter": self.model.adapter,
-            "model.discriminator": self.model.discriminator,
-        }
-        self._ema = WeightEMA(trained, self.optim.ema_decay)  # shadow = the weights as loaded
-        resume, self._ema_resume = self._ema_resume, None
-        if resume is not None:  # those were the average: the raw ones come back into the model
-            self._ema.load_state_dict({"updates": resume["updates"], **resume["raw"]})
-            self._ema.swap()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._ema is not None:
-            self._ema.update()
-
     def on_train_end(self) -> None:
-        """After training the model keeps the averaged weights (test, checkpoints, predict)."""
         self.model.clear_feature_pool()
-        if self._ema is not None and not self._ema_swapped:
-            self._ema.swap()
-        self._ema, self._ema_swapped = None, False
 
     def on_fit_end(self) -> None:
         if self.global_step == 0 and self.model.hp.scoring.source != "anchor_distance":
@@ -256,37 +228,27 @@ class PathoScope(L.LightningModule):
     def forward(self, x: Tensor, foreground: Tensor | None = None) -> InferenceOutput:
         return self.model(x, foreground)
 
-    def _set_folded(self) -> None:
-        """Folded detector of the current weights for evaluation (exact within 1e-5, ~1.7x faster
-        on CPU). Rebuilt per epoch since D trains between validations; kept out of the module tree
-        so it never enters state_dict."""
-        self.__dict__["_folded"] = (
-            FoldedDetector.from_model(self.model).eval()
-            if self.model.hp.scoring.source == "discriminator"
-            else None
-        )
+    def _start_evaluation(self) -> None:
+        """The fastest exact detector of the current weights (`folded.inference_net`: the folded
+        one when D scores, exact within 1e-5 and ~1.7x faster on CPU) for this evaluation epoch;
+        rebuilt per epoch since D trains between validations (EMACallback swaps the average in
+        before this runs)."""
+        self._evaluator = (inference_net(self.model),)
 
     def on_validation_epoch_start(self) -> None:
-        if self._ema is not None and not self._ema_swapped:  # validate the averaged weights
-            self._ema.swap()
-            self._ema_swapped = True
-        self._set_folded()
+        self._start_evaluation()
 
     def on_test_epoch_start(self) -> None:
-        self._set_folded()
+        self._start_evaluation()
 
     def on_validation_epoch_end(self) -> None:
-        self.__dict__.pop("_folded", None)
-        if self._ema is not None and self._ema_swapped:
-            self._ema.swap()
-            self._ema_swapped = False
+        self._evaluator = ()
 
     def on_test_epoch_end(self) -> None:
-        self.__dict__.pop("_folded", None)
+        self._evaluator = ()
 
     def _eval_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        folded = self.__dict__.get("_folded")
-        net = self.model if folded is None else folded
+        net = self._evaluator[0] if self._evaluator else self.model
         score, anomaly_map = net(batch["image"], batch.get("foreground"))
         return {"score": score, "anomaly_map": anomaly_map}
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from pathoscope.anchor_bank import AnchorBank, one_cpu_thread
+from pathoscope.hparams import PiEGParams
 
 PROJECTIONS = ("none", "hypersphere", "manifold")
 
@@ -177,46 +178,53 @@ def _matmul_input_eps(device: torch.device) -> float:
     return 0.0
 
 
+def feature_unit(params: PiEGParams, distance_scale: float) -> float:
+    """The feature-space length of one unit of eta and of the Gaussian start (`PiEGParams.units`):
+    1 ("absolute") or the bank's `distance_scale` ("distance_scale")."""
+    return distance_scale if params.units == "distance_scale" else 1.0
+
+
 def pieg(
     v_n: Tensor,
     global_terms: Callable[[Tensor], Tensor],
-    eta: float,
-    steps: int = 20,
-    noise_std: float = 0.015,
-    noise_mean: float = 0.0,
-    keep_noise: bool = True,
-    min_distance: float = 0.0,
-    projection: str = "none",
+    params: PiEGParams = PiEGParams(),
+    *,
+    distance_scale: float = 1.0,
     nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     anchors: Tensor | None = None,
     generator: torch.Generator | None = None,
-    direction: str = "ascent",
 ) -> Tensor:
-    """Eq. 3: v_s = v_n + delta, delta from `steps` moves of eta * g / ||g|| per position.
+    """Eq. 3: v_s = v_n + delta, delta from `params.steps` moves of eta * g / ||g|| per position.
 
     v_n (B, h, w, C). `global_terms(v_s)` returns the terms of L_global that depend on v_s; `g` is
-    its gradient w.r.t. v_s, normalised over channels at each position. `direction="ascent"` adds
-    eta * g / ||g|| (Eq. 3 as printed: L_global rises, so D(v_s) falls and v_s nears the anchors:
-    hard negatives, as GLASS); "descent" subtracts it (L_global falls: D(v_s) rises and v_s leaves
-    the anchors, the paper's text: larger eta, GPEs further from the normal distribution; see
-    `PathoScope`'s `pieg_direction`). delta starts as Gaussian
-    noise N(noise_mean, noise_std^2); `keep_noise=False` drops that start from the result, as Eq. 3
-    prints it. delta is detached: v_s carries v_n's graph only. Only autograd.grad is used, so no
-    parameter's .grad is touched.
+    its gradient w.r.t. v_s, normalised over channels at each position. `params.direction`:
+    "descent" (the default) subtracts eta * g / ||g|| (L_global falls: D(v_s) rises and v_s leaves
+    the anchors, the paper's text: larger eta, GPEs further from the normal distribution); "ascent"
+    adds it (Eq. 3 as printed: L_global rises, so D(v_s) falls and v_s nears the anchors: hard
+    negatives, as GLASS). delta starts as Gaussian noise N(noise_mean, noise_std^2);
+    `keep_noise=False` drops that start from the result, as Eq. 3 prints it. `enabled=False` takes
+    no step (v_s = v_n + the start). delta is detached: v_s carries v_n's graph only. Only
+    autograd.grad is used, so no parameter's .grad is touched.
 
-    Projection of the result, with r = `min_distance` (GLASS's baselines use the two bounded forms):
+    Units: eta, noise_std and noise_mean are multiplied by `feature_unit(params, distance_scale)`;
+    min_distance by `distance_scale` (the bank's, as `PathoScopeModel` passes it; 1: as given).
+
+    Projection of the result, with r = min_distance (GLASS's baselines use the two bounded forms):
       "none": positions with ||delta|| < r are scaled up to r (no collapse onto v_n; r=0: off);
       "hypersphere": ||delta|| is clamped to [r, 2r] per position;
       "manifold": v_s is moved along the ray from its nearest anchor so that its distance to the
         normal manifold (the anchors) lies in [r, 2r]; needs `nearest` and `anchors`.
     """
+    unit = feature_unit(params, distance_scale)
+    eta = params.eta * unit if params.enabled else 0.0
+    steps = params.steps if params.enabled else 0
     base = v_n.detach()
     noise = (
-        torch.randn(base.shape, generator=generator, device="cpu").to(base) * noise_std + noise_mean
+        torch.randn(base.shape, generator=generator, device="cpu").to(base)
+        * (params.noise_std * unit)
+        + params.noise_mean * unit
     )
-    if direction not in ("ascent", "descent"):
-        raise ValueError(f"pieg: direction must be 'ascent' or 'descent', got {direction!r}")
-    step = eta if direction == "ascent" else -eta
+    step = eta if params.direction == "ascent" else -eta
     moved = torch.zeros_like(base)
     if eta != 0.0:
         for _ in range(steps):
@@ -225,8 +233,9 @@ def pieg(
                 (g,) = torch.autograd.grad(global_terms(v), v)
             norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
             moved = moved + step * g / norm.clamp_min(1e-12)
-    delta = noise + moved if keep_noise else moved
-    delta = project(base, delta, min_distance, projection, nearest, anchors)
+    delta = noise + moved if params.keep_noise else moved
+    radius = params.min_distance * distance_scale
+    delta = project(base, delta, radius, params.projection, nearest, anchors)
     return v_n + delta.detach()
 
 

@@ -36,7 +36,7 @@ from pathoscope.losses import (
     mask_to_grid,
     tritanh,
 )
-from pathoscope.pieg import CandidateSearch, pieg
+from pathoscope.pieg import CandidateSearch, feature_unit, pieg
 from pathoscope.postprocess import GaussianBlur, ImageThreshold, anomaly_map, image_score
 
 
@@ -296,29 +296,20 @@ class PathoScopeModel(nn.Module):
                 )
             return loss
 
-        unit = self.pieg_unit()
         v_s = pieg(
             base,
             global_terms,
-            eta=pg.eta * unit if pg.enabled else 0.0,
-            steps=pg.steps if pg.enabled else 0,
-            noise_std=pg.noise_std * unit,
-            noise_mean=pg.noise_mean * unit,
-            keep_noise=pg.keep_noise,
-            min_distance=pg.min_distance * float(self.bank.distance_scale),
-            projection=pg.projection,
+            params=pg,
+            distance_scale=float(self.bank.distance_scale),
             nearest=self.bank.nearest,
             anchors=self.bank.anchors,
             generator=gen,
-            direction=pg.direction,
         )
         return Synthesis(v_s, d_global_n, search, base, region)
 
     def pieg_unit(self) -> float:
         """The feature-space length of one unit of eta / noise_std (see `PiEGParams.units`)."""
-        if self.hp.pieg.units == "distance_scale":
-            return float(self.bank.distance_scale)
-        return 1.0
+        return feature_unit(self.hp.pieg, float(self.bank.distance_scale))
 
     # -- inference ------------------------------------------------------------------------------------
     def patch_scores(self, x: Tensor) -> Tensor:

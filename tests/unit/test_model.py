@@ -296,14 +296,14 @@ def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tup
     with torch.no_grad():
         model.model.discriminator.fc2.bias.add_(0.5)  # weights after the previous epoch's training
         model.on_validation_epoch_start()
-        assert model.__dict__.get("_folded") is not None
+        assert isinstance(model._evaluator[0], FoldedDetector)  # folded.inference_net's choice
         out = model.validation_step({"image": x, "foreground": fg}, 0)
         ref = model(x, fg)
     assert (out["anomaly_map"] - ref.anomaly_map).abs().max() < 1e-5
     assert (out["score"] - ref.score).abs().max() < 1e-5
     assert set(model.state_dict()) == keys
     model.on_validation_epoch_end()
-    assert "_folded" not in model.__dict__
+    assert model._evaluator == ()  # released
 
 
 @pytest.mark.parametrize(
@@ -320,7 +320,9 @@ def test_pieg_direction_reaches_pieg(
     real = model_module.pieg
 
     def spy(*args: object, **kwargs: object) -> torch.Tensor:
-        seen.append(str(kwargs["direction"]))
+        params = kwargs["params"]
+        assert isinstance(params, PiEGParams)
+        seen.append(params.direction)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "pieg", spy)

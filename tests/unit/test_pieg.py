@@ -1,11 +1,13 @@
-"""pathoscope.pieg: PiEG's ascent (Eq. 3) step by step, its step lengths, start, projections and
-side effects on D; the gradient the training loss sees; and the exact candidate search."""
+"""pathoscope.pieg: PiEG's steps (Eq. 3, both directions) one by one, its step lengths, start, units,
+projections and side effects on D; the gradient the training loss sees; and the exact candidate
+search."""
 
 from __future__ import annotations
 
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from pathoscope.anchor_bank import AnchorBank
 from pathoscope.heads import Adapter, Discriminator
+from pathoscope.hparams import PiEGParams
 from pathoscope.losses import bce, global_distance, tritanh
 from pathoscope.pieg import CandidateSearch, pieg
 
@@ -45,6 +48,12 @@ def bce_terms(d: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda v: bce(d(v).reshape(v.shape[:-1]), 1.0)
 
 
+def ascent(eta: float, **fields: Any) -> PiEGParams:
+    """PiEG's settings with Eq. 3's printed sign (`direction="ascent"`), which most tests below
+    follow step by step; the other fields as given, else `PiEGParams`' defaults."""
+    return PiEGParams(eta=eta, direction="ascent", **fields)
+
+
 def grad_of(terms: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
     v = v.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(terms(v), v)
@@ -63,12 +72,12 @@ def test_each_step_raises_the_terms_by_at_least_half_the_first_order_gain(
     terms = bce_terms(linear_d)
     eta, steps = 0.3, 6
     trajectory = [
-        pieg(v_n, terms, eta, steps=t, keep_noise=keep_noise, generator=gen(7))
+        pieg(v_n, terms, ascent(eta, steps=t, keep_noise=keep_noise), generator=gen(7))
         for t in range(steps + 1)
     ]
     # The prefixes are one trajectory: steps=t + 1 continues steps=t by one move, from v_s
     # including the start noise (dropped from the result only when keep_noise=False).
-    noise = pieg(v_n, terms, 0.0, keep_noise=True, generator=gen(7)) - v_n
+    noise = pieg(v_n, terms, ascent(0.0, keep_noise=True), generator=gen(7)) - v_n
     for t in range(steps):
         v_t = trajectory[t] if keep_noise else trajectory[t] + noise
         v_next = trajectory[t + 1] if keep_noise else trajectory[t + 1] + noise
@@ -84,14 +93,13 @@ def test_each_step_raises_the_terms_by_at_least_half_the_first_order_gain(
 def test_descent_moves_down_the_same_gradient_and_lowers_the_terms(
     v_n: Tensor, linear_d: nn.Linear
 ) -> None:
-    # direction="descent" (the model's default, see PathoScope.pieg_direction) is the mirror of
-    # the ascent: each position moves eta against its own normalised gradient, and the terms fall
+    # direction="descent" (PiEGParams' default, so pieg's and the model's) is the mirror of the
+    # ascent: each position moves eta against its own normalised gradient, and the terms fall
     # (D(v_s) rises towards the label 1) by about the first-order amount.
     terms = bce_terms(linear_d)
     eta, steps = 0.05, 5
     trajectory = [
-        pieg(v_n, terms, eta, steps=t, generator=gen(3), direction="descent")
-        for t in range(steps + 1)
+        pieg(v_n, terms, PiEGParams(eta=eta, steps=t), generator=gen(3)) for t in range(steps + 1)
     ]
     for t in range(steps):
         g = grad_of(terms, trajectory[t])
@@ -103,8 +111,9 @@ def test_descent_moves_down_the_same_gradient_and_lowers_the_terms(
         assert 0.5 * first_order <= drop <= first_order, t  # convex: never more than first order
     logits = [linear_d(v).mean().item() for v in (trajectory[0], trajectory[-1])]
     assert logits[1] > logits[0]
-    with pytest.raises(ValueError, match="direction"):
-        pieg(v_n, terms, eta, steps=1, direction="up")
+    assert PiEGParams().direction == "descent"
+    with pytest.raises(ValueError, match="pieg.direction"):  # never reaches pieg
+        PiEGParams(direction="up")
 
 
 @pytest.mark.parametrize("keep_noise", [True, False])
@@ -119,7 +128,8 @@ def test_gradient_is_taken_at_the_current_v_s_start_noise_included(
         return norms(v - c).sum()
 
     def run(eta: float, steps: int, keep: bool = keep_noise) -> Tensor:
-        return pieg(v_n, terms, eta, steps, noise_std=0.5, keep_noise=keep, generator=gen(9))
+        params = ascent(eta, steps=steps, noise_std=0.5, keep_noise=keep)
+        return pieg(v_n, terms, params, generator=gen(9))
 
     noisy = run(0.0, 0, keep=True)  # v_n + the start noise
     v_prev = noisy
@@ -136,7 +146,7 @@ def test_one_step_moves_every_position_by_eta_with_the_real_discriminator(v_n: T
     stats = tuple(s.detach() for s in d.batch_stats(v_n))
     terms = bce_terms(lambda v: d(v, bn_stats=stats))
     for eta in (0.01, 0.5):
-        v_s = pieg(v_n, terms, eta, steps=1, keep_noise=False, generator=gen())
+        v_s = pieg(v_n, terms, ascent(eta, steps=1, keep_noise=False), generator=gen())
         torch.testing.assert_close(norms(v_s - v_n), torch.full(SHAPE[:-1], eta))
 
 
@@ -146,7 +156,7 @@ def test_fixed_direction_objective_moves_steps_times_eta(v_n: Tensor) -> None:
     def terms(v: Tensor) -> Tensor:
         return (v * w).sum()
 
-    v_s = pieg(v_n, terms, 0.05, steps=20, keep_noise=False, generator=gen())
+    v_s = pieg(v_n, terms, ascent(0.05, steps=20, keep_noise=False), generator=gen())
     torch.testing.assert_close(norms(v_s - v_n), torch.full(SHAPE[:-1], 20 * 0.05))
     torch.testing.assert_close(v_s - v_n, 20 * 0.05 * w / norms(w)[..., None])
 
@@ -155,7 +165,7 @@ def test_positions_without_gradient_stay_put(v_n: Tensor) -> None:
     def terms(v: Tensor) -> Tensor:  # only the first image counts
         return v[0].sum()
 
-    v_s = pieg(v_n, terms, 0.1, steps=3, keep_noise=False, generator=gen())
+    v_s = pieg(v_n, terms, ascent(0.1, steps=3, keep_noise=False), generator=gen())
     assert torch.isfinite(v_s).all()
     assert torch.equal(v_s[1], v_n[1])
     torch.testing.assert_close(norms(v_s[0] - v_n[0]), torch.full(SHAPE[1:-1], 0.3))
@@ -165,16 +175,18 @@ def test_no_step_leaves_the_start(v_n: Tensor) -> None:
     def never(v: Tensor) -> Tensor:
         raise AssertionError("no ascent step should evaluate the terms")
 
-    a = pieg(v_n, never, 0.0, steps=20, noise_std=0.5, noise_mean=0.2, generator=gen(4))
-    b = pieg(v_n, never, 0.3, steps=0, noise_std=0.5, noise_mean=0.2, generator=gen(4))
-    assert torch.equal(a, b)
+    start = {"noise_std": 0.5, "noise_mean": 0.2}
+    a = pieg(v_n, never, ascent(0.0, steps=20, **start), generator=gen(4))
+    b = pieg(v_n, never, ascent(0.3, steps=0, **start), generator=gen(4))
+    c = pieg(v_n, never, ascent(0.3, steps=20, enabled=False, **start), generator=gen(4))
+    assert torch.equal(a, b) and torch.equal(a, c)
     noise = a - v_n
     assert not torch.equal(noise, torch.zeros_like(noise))
-    big = pieg(torch.zeros(64, 64, 16), never, 0.0, noise_std=0.5, noise_mean=0.2, generator=gen())
+    big = pieg(torch.zeros(64, 64, 16), never, ascent(0.0, **start), generator=gen())
     assert big.mean().item() == pytest.approx(0.2, abs=0.02)
     assert big.std().item() == pytest.approx(0.5, rel=0.03)
     for eta, steps in ((0.0, 20), (0.3, 0)):
-        v_s = pieg(v_n, never, eta, steps=steps, keep_noise=False, generator=gen(4))
+        v_s = pieg(v_n, never, ascent(eta, steps=steps, keep_noise=False), generator=gen(4))
         assert torch.equal(v_s, v_n)
 
 
@@ -182,9 +194,10 @@ def test_same_generator_same_result_and_noise_changes_with_seed(
     v_n: Tensor, linear_d: nn.Linear
 ) -> None:
     terms = bce_terms(linear_d)
-    a = pieg(v_n, terms, 0.1, steps=3, generator=gen(5))
-    assert torch.equal(a, pieg(v_n, terms, 0.1, steps=3, generator=gen(5)))
-    assert not torch.equal(a, pieg(v_n, terms, 0.1, steps=3, generator=gen(6)))
+    params = ascent(0.1, steps=3)
+    a = pieg(v_n, terms, params, generator=gen(5))
+    assert torch.equal(a, pieg(v_n, terms, params, generator=gen(5)))
+    assert not torch.equal(a, pieg(v_n, terms, params, generator=gen(6)))
 
 
 # ---------------------------------------------------------------- side effects and gradients
@@ -199,7 +212,7 @@ def test_pieg_leaves_discriminator_grads_and_buffers_untouched(v_n: Tensor) -> N
     stats = tuple(s.detach() for s in d.batch_stats(v))
     d.fc1.weight.grad = torch.full_like(d.fc1.weight, 0.5)  # an earlier gradient must survive
     buffers = {k: b.clone() for k, b in d.named_buffers()}
-    v_s = pieg(v, bce_terms(lambda x: d(x, bn_stats=stats)), 0.1, steps=5, generator=gen())
+    v_s = pieg(v, bce_terms(lambda x: d(x, bn_stats=stats)), ascent(0.1, steps=5), generator=gen())
     assert torch.equal(d.fc1.weight.grad, torch.full_like(d.fc1.weight, 0.5))
     for name, p in d.named_parameters():
         if name != "fc1.weight":
@@ -239,7 +252,7 @@ def test_training_loss_gradient_treats_delta_as_a_constant() -> None:
         def terms(v: Tensor) -> Tensor:
             return bce(d(v, bn_stats=stats), 1.0) + tritanh(d_n, global_distance(v, bank))
 
-        return pieg(v_n, terms, 0.2, steps=5, generator=gen(3))
+        return pieg(v_n, terms, ascent(0.2, steps=5), generator=gen(3))
 
     captured: dict[str, Tensor] = {}
 
@@ -264,15 +277,38 @@ def test_training_loss_gradient_treats_delta_as_a_constant() -> None:
 
 def test_min_distance_lifts_short_deltas_only(v_n: Tensor, linear_d: nn.Linear) -> None:
     terms = bce_terms(linear_d)
-    short = pieg(v_n, terms, 0.01, steps=1, keep_noise=False, generator=gen())
-    lifted = pieg(v_n, terms, 0.01, steps=1, keep_noise=False, min_distance=0.05, generator=gen())
+    one = {"steps": 1, "keep_noise": False}
+    short = pieg(v_n, terms, ascent(0.01, **one), generator=gen())
+    lifted = pieg(v_n, terms, ascent(0.01, min_distance=0.05, **one), generator=gen())
     torch.testing.assert_close(norms(lifted - v_n), torch.full(SHAPE[:-1], 0.05))
     torch.testing.assert_close(lifted - v_n, 5.0 * (short - v_n))  # same direction
-    long = pieg(v_n, terms, 0.1, steps=1, keep_noise=False, generator=gen())
-    same = pieg(v_n, terms, 0.1, steps=1, keep_noise=False, min_distance=0.05, generator=gen())
+    long = pieg(v_n, terms, ascent(0.1, **one), generator=gen())
+    same = pieg(v_n, terms, ascent(0.1, min_distance=0.05, **one), generator=gen())
     assert torch.equal(same, long)
-    zero = pieg(v_n, terms, 0.0, keep_noise=False, min_distance=0.05, generator=gen())
+    zero = pieg(v_n, terms, ascent(0.0, keep_noise=False, min_distance=0.05), generator=gen())
     assert torch.equal(zero, v_n)  # no direction to lift along: stays, no NaN
+
+
+def test_units_scale_eta_the_start_and_min_distance_by_the_bank_scale(
+    v_n: Tensor, linear_d: nn.Linear
+) -> None:
+    # The model passes its bank's distance_scale: eta and the Gaussian start are multiplied by it
+    # with units="distance_scale" only; min_distance always (its unit is the bank's scale).
+    terms = bce_terms(linear_d)
+    scale = 2.5
+    start = {"steps": 2, "noise_std": 0.2, "noise_mean": 0.1}
+    scaled = ascent(0.1, units="distance_scale", **start)
+    by_hand = ascent(0.1 * scale, steps=2, noise_std=0.2 * scale, noise_mean=0.1 * scale)
+    expected = pieg(v_n, terms, by_hand, generator=gen(2))
+    assert torch.equal(pieg(v_n, terms, scaled, distance_scale=scale, generator=gen(2)), expected)
+    absolute = ascent(0.1, **start)
+    assert torch.equal(
+        pieg(v_n, terms, absolute, distance_scale=scale, generator=gen(2)),
+        pieg(v_n, terms, absolute, generator=gen(2)),
+    )
+    lifted = ascent(0.01, steps=1, keep_noise=False, min_distance=0.04)
+    v_s = pieg(v_n, terms, lifted, distance_scale=scale, generator=gen())
+    torch.testing.assert_close(norms(v_s - v_n), torch.full(SHAPE[:-1], 0.04 * scale))
 
 
 def test_hypersphere_projection_clamps_to_r_2r(v_n: Tensor) -> None:
@@ -282,16 +318,10 @@ def test_hypersphere_projection_clamps_to_r_2r(v_n: Tensor) -> None:
         return (v * w).sum()
 
     for eta, steps, expected in ((0.01, 1, 0.1), (0.05, 3, 0.15), (0.1, 5, 0.2)):
-        v_s = pieg(
-            v_n,
-            terms,
-            eta,
-            steps=steps,
-            keep_noise=False,
-            min_distance=0.1,
-            projection="hypersphere",
-            generator=gen(),
+        params = ascent(
+            eta, steps=steps, keep_noise=False, min_distance=0.1, projection="hypersphere"
         )
+        v_s = pieg(v_n, terms, params, generator=gen())
         torch.testing.assert_close(norms(v_s - v_n), torch.full(SHAPE[:-1], expected))
         torch.testing.assert_close((v_s - v_n) / expected, w / norms(w)[..., None])
 
@@ -308,17 +338,13 @@ def test_manifold_projection_puts_v_s_at_r_to_2r_from_the_anchors() -> None:
         return (v * w).sum()
 
     r = 0.4
-    free = pieg(v_n, terms, 0.01, steps=2, noise_std=0.0, generator=gen()).reshape(-1, C)
+    free = pieg(v_n, terms, ascent(0.01, steps=2, noise_std=0.0), generator=gen()).reshape(-1, C)
     free_dist, free_idx = bank.nearest(free)
     assert (free_dist[:12] < r).all() and (free_dist[12:] > 2 * r).all()
     v_s = pieg(
         v_n,
         terms,
-        0.01,
-        steps=2,
-        noise_std=0.0,
-        min_distance=r,
-        projection="manifold",
+        ascent(0.01, steps=2, noise_std=0.0, min_distance=r, projection="manifold"),
         nearest=bank.nearest,
         anchors=bank.anchors,
         generator=gen(),
@@ -331,10 +357,10 @@ def test_manifold_projection_puts_v_s_at_r_to_2r_from_the_anchors() -> None:
     dist, idx = bank.nearest(v_s)
     torch.testing.assert_close(dist, target)
     assert torch.equal(idx, free_idx)
-    with pytest.raises(ValueError, match="projection"):
-        pieg(v_n, terms, 0.1, projection="sphere", generator=gen())
+    with pytest.raises(ValueError, match="pieg.projection"):
+        ascent(0.1, projection="sphere")
     with pytest.raises(ValueError, match="nearest"):
-        pieg(v_n, terms, 0.1, min_distance=r, projection="manifold", generator=gen())
+        pieg(v_n, terms, ascent(0.1, min_distance=r, projection="manifold"), generator=gen())
 
 
 # ---------------------------------------------------------------- candidate search
@@ -409,7 +435,7 @@ def test_pieg_with_candidate_search_equals_pieg_with_the_bank(
         ) -> Tensor:
             return tritanh(d_n, global_distance(v, bank, search=nearest))
 
-        results.append(pieg(v_n, terms, 0.05, steps=20, generator=gen()))
+        results.append(pieg(v_n, terms, ascent(0.05, steps=20), generator=gen()))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
     assert norms(results[0] - v_n).mean() > 0.5
 

@@ -195,28 +195,29 @@ def test_predict_matches_the_evaluation_pipeline(model: PathoScopeModel, brats_r
 def test_predict_follows_the_checkpoints_intensity_norm(
     ckpt: Path, brats_root: Path, tmp_path: Path
 ) -> None:
-    """A model trained on median-normalised volumes is given median-normalised volumes: predict's
-    maps equal the model's on the items of a median-normalising data module, and differ from
-    those of the same weights under the percentile rule."""
-    variant = _variant(ckpt, tmp_path / "m.ckpt", preprocessing={"intensity_norm": "median"})
-    median = load_model(variant)
-    dm = BraTSDataModule(**{**_datamodule(brats_root).hparams, "intensity_norm": "median"})
+    """A model trained on percentile-scaled volumes (the former default) is given percentile-scaled
+    volumes: predict's maps equal the model's on the items of a percentile data module, and
+    differ from those of the same weights under the median rule (the default, `ckpt`'s)."""
+    assert load_model(ckpt).preprocessing["intensity_norm"] == "median"
+    variant = _variant(ckpt, tmp_path / "p.ckpt", preprocessing={"intensity_norm": "percentile"})
+    percentile = load_model(variant)
+    dm = BraTSDataModule(**{**_datamodule(brats_root).hparams, "intensity_norm": "percentile"})
     dm.setup("test")
     test = dm.test_dataset()
     subject = TUMOUR_SUBJECTS[1]
     items = [test[i] for i in range(len(test)) if test[i]["subject"] == subject]
     assert items
-    result = predict_volume(median, _flair(brats_root, subject))
+    result = predict_volume(percentile, _flair(brats_root, subject))
     with torch.no_grad():
-        _, maps = median(
+        _, maps = percentile(
             torch.stack([it["image"] for it in items]),
             torch.stack([it["foreground"] for it in items]),
         )
     for it, m in zip(items, maps, strict=True):
         np.testing.assert_allclose(result.anomaly_map[:, :, it["slice"]], m[0].numpy(), atol=1e-5)
-    percentile = predict_volume(load_model(ckpt), _flair(brats_root, subject))
+    median = predict_volume(load_model(ckpt), _flair(brats_root, subject))
     k = items[0]["slice"]
-    assert not np.allclose(percentile.anomaly_map[:, :, k], result.anomaly_map[:, :, k], atol=1e-4)
+    assert not np.allclose(median.anomaly_map[:, :, k], result.anomaly_map[:, :, k], atol=1e-4)
 
 
 def test_trained_model_scores_tumour_above_normal_brain(

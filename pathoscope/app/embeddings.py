@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pathoscope.app.figures.embedding_space import (
+    GROUPS,
     LABELS,
     closeness,
+    discriminator_means,
     plot_embeddings,
     real_embeddings,
     subsample,
@@ -54,6 +56,7 @@ def run_embeddings(
     totals = {name: int(values.shape[0]) for name, values in sets.items()}
     sets = subsample(sets, points, seed)
     numbers = closeness(sets)
+    numbers.update(discriminator_means(model, sets))
     out.mkdir(parents=True, exist_ok=True)
     title = f"{ckpt_path}"
     plot_embeddings(sets, numbers, out / FIGURE, title, seed)
@@ -112,5 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({report['nn_pathological_to_pieg']:.4g} / {report['nn_pathological_to_gaussian']:.4g}; "
         f"to normal {report['nn_pathological_to_normal']:.4g})"
     )
+    print("mean D: " + ", ".join(f"{name} {report[f'd_{name}']:.3f}" for name in GROUPS))
     print(f"wrote {out / FIGURE} and {out / REPORT}")
     return 0

@@ -106,6 +106,8 @@ def test_embeddings_verb_writes_its_figure_and_number(
     )
     assert all(0 < report["points"][g] <= 60 for g in embedding_space.GROUPS)
     assert report["points"]["pieg"] == report["points"]["gaussian"]
+    assert all(0.0 <= report[f"d_{g}"] <= 1.0 for g in embedding_space.GROUPS)
+    assert f"pieg {report['d_pieg']:.3f}" in printed
     assert (tmp_path / "embeddings.png").stat().st_size > 1000
 
 
@@ -170,3 +172,19 @@ def test_gaussian_embeddings_sit_at_the_cells_pieg_perturbed() -> None:
     sets = embedding_space.synthetic_embeddings(model, [batch], batches=1, seed=0)
     assert sets["pieg"].shape == sets["gaussian"].shape == (4, c)
     torch.testing.assert_close(sets["pieg"] - sets["gaussian"], torch.ones(4, c))
+
+
+def test_discriminator_means_by_hand() -> None:
+    from types import SimpleNamespace
+
+    class SumD(torch.nn.Module):  # logits = the sum of the channels
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return v.sum(-1)
+
+    model = SimpleNamespace(discriminator=SumD().train(), tau=torch.tensor(0.0))
+    sets = {"pieg": torch.tensor([[0.0, 0.0], [1.0, 1.0]]), "gaussian": torch.tensor([[-1.0, 0.0]])}
+    got = embedding_space.discriminator_means(model, sets)
+    sig = torch.sigmoid(torch.tensor([0.0, 2.0, -1.0]))
+    assert got["d_pieg"] == pytest.approx(float(sig[:2].mean()))
+    assert got["d_gaussian"] == pytest.approx(float(sig[2]))
+    assert model.discriminator.training  # its mode is restored

@@ -145,6 +145,21 @@ def closeness(sets: dict[str, Tensor]) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def discriminator_means(model: PathoScopeModel, sets: dict[str, Tensor]) -> dict[str, float]:
+    """{"d_<set>": mean sigmoid(D(v))} of each set (evaluation-mode D): a synthetic set that D
+    already scores near 1 teaches it little about where the normal boundary is."""
+    was_training = model.discriminator.training
+    model.discriminator.eval()
+    device = model.tau.device
+    out = {
+        f"d_{name}": float(torch.sigmoid(model.discriminator(v.to(device))).mean())
+        for name, v in sets.items()
+    }
+    model.discriminator.train(was_training)
+    return out
+
+
 def plot_embeddings(
     sets: dict[str, Tensor], numbers: dict[str, float], out_path: Path, title: str, seed: int
 ) -> Path:

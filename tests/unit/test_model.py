@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data_modules.brats import BraTSDataModule
+from pathoscope.batches import ImageBatch
 from pathoscope.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_model
 from pathoscope.folded import FoldedDetector
 from pathoscope.hparams import PiEGParams
@@ -297,7 +298,7 @@ def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tup
         model.model.discriminator.fc2.bias.add_(0.5)  # weights after the previous epoch's training
         model.on_validation_epoch_start()
         assert isinstance(model._evaluator[0], FoldedDetector)  # folded.inference_net's choice
-        out = model.validation_step({"image": x, "foreground": fg}, 0)
+        out = model.validation_step(ImageBatch(image=x, foreground=fg), 0)
         ref = model(x, fg)
     assert (out["anomaly_map"] - ref.anomaly_map).abs().max() < 1e-5
     assert (out["score"] - ref.score).abs().max() < 1e-5

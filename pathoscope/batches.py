@@ -31,7 +31,14 @@ from torch.utils.data import default_collate
 
 
 class _DictView:
-    """The transitional dict view of a batch dataclass (read-only)."""
+    """The transitional dict view of a batch dataclass (read-only).
+
+    Not iterable (`__iter__ = None`): without it Python would iterate through `__getitem__(0)`,
+    and Lightning's batch-size lookup would take the batch for an iterable of keys instead of a
+    dataclass of tensors. `keys()` lists the fields that are set.
+    """
+
+    __iter__ = None
 
     def __getitem__(self, key: str) -> Any:
         if key not in _field_names(self):

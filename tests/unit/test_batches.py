@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import default_collate
 
 import pathoscope.batches as batches
@@ -107,3 +108,11 @@ def test_every_field_documents_its_shape() -> None:
                     seen.add(stmt.target.id)  # type: ignore[attr-defined]
     fields = {f for cls in (TrainBatch, EvalBatch) for f in cls.__dataclass_fields__}
     assert seen == fields
+
+
+def test_a_batch_is_not_iterable() -> None:
+    """No accidental iteration through __getitem__(0): Lightning must see a dataclass."""
+    batch = _train_batch()
+    with pytest.raises(TypeError):
+        iter(batch)
+    assert extract_batch_size(batch) == 2

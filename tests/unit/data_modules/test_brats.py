@@ -16,6 +16,7 @@ import torch
 from data_modules.brats import BraTSDataModule, normalize_volume
 from data_modules.errors import DataError
 from data_modules.transforms import denormalize
+from pathoscope.batches import TrainBatch
 
 SMALL = {"n_test_healthy": 30, "n_test_tumorous": 40, "image_size": 64, "batch_size": 4}
 SUBJECT = "BraTS20_Training_{:03d}".format
@@ -282,7 +283,7 @@ def test_epoch_length_does_not_depend_on_shots(brats_root: Path) -> None:
         assert len(dm.train_dataloader()) == 3
 
 
-def _batches(dm: BraTSDataModule, epoch: int) -> list[dict[str, torch.Tensor]]:
+def _batches(dm: BraTSDataModule, epoch: int) -> list[TrainBatch]:
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
     return list(loader)
@@ -296,10 +297,11 @@ def test_same_seed_same_batches_whatever_num_workers(brats_root: Path) -> None:
     b.setup()
     for epoch in (0, 1):
         for x, y in zip(_batches(a, epoch), _batches(b, epoch), strict=True):
-            for key in x:
-                assert torch.equal(x[key], y[key]), key
+            for name, value in vars(x).items():
+                other = getattr(y, name)
+                assert (value is None and other is None) or torch.equal(value, other), name
     e0, e1 = _batches(a, 0)[0], _batches(a, 1)[0]
-    assert not torch.equal(e0["image"], e1["image"])  # a new epoch brings new augmentations
+    assert not torch.equal(e0.image, e1.image)  # a new epoch brings new augmentations
 
 
 def test_anchor_images(dm0: BraTSDataModule) -> None:

@@ -306,16 +306,16 @@ def test_same_seed_same_batches_whatever_num_workers(brats_root: Path) -> None:
 
 def test_anchor_images(dm0: BraTSDataModule) -> None:
     out = dm0.anchor_images(copies=2, seed=0)
-    assert out["image"].shape == (6, 3, 64, 64) and out["foreground"].shape == (6, 1, 64, 64)
-    assert out["foreground"].dtype == torch.bool
+    assert out.image.shape == (6, 3, 64, 64) and out.foreground.shape == (6, 1, 64, 64)
+    assert out.foreground.dtype == torch.bool
     raw = dm0.split.train[1]
     expected = np.repeat(raw.image, 3, axis=2)
     np.testing.assert_allclose(
-        denormalize(out["image"][1]).permute(1, 2, 0).numpy(), expected, atol=1e-5
+        denormalize(out.image[1]).permute(1, 2, 0).numpy(), expected, atol=1e-5
     )
-    assert not torch.equal(out["image"][2], out["image"][0])  # augmented copy of image 0
-    assert torch.equal(dm0.anchor_images(copies=2, seed=0)["image"], out["image"])
-    assert not torch.equal(dm0.anchor_images(copies=2, seed=1)["image"][2:], out["image"][2:])
+    assert not torch.equal(out.image[2], out.image[0])  # augmented copy of image 0
+    assert torch.equal(dm0.anchor_images(copies=2, seed=0).image, out.image)
+    assert not torch.equal(dm0.anchor_images(copies=2, seed=1).image[2:], out.image[2:])
 
 
 # ----------------------------------------------------------------------------- root, cache, files

@@ -104,7 +104,7 @@ def _evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]
     scores: dict[str, list[np.ndarray]] = {}
     gts, fgs, labels = [], [], []
     for batch in dm.test_dataloader():
-        x, fg = batch["image"], batch["foreground"]
+        x, fg = batch.image, batch.foreground
         e = model.backbone(x).permute(0, 2, 3, 1)  # (B, h, w, C)
         v = model.adapter(e)
         b, h, w, c = v.shape
@@ -122,9 +122,9 @@ def _evaluate(module: L.LightningModule, dm: Any) -> dict[str, dict[str, float]]
             maps.setdefault(name, []).append(
                 F.interpolate(m, size=(size, size), mode="area")[:, 0].numpy()
             )
-        gts.append(F.interpolate(batch["gt_mask"].float(), size=(size, size))[:, 0].numpy() > 0)
+        gts.append(F.interpolate(batch.gt_mask.float(), size=(size, size))[:, 0].numpy() > 0)
         fgs.append(F.interpolate(fg.float(), size=(size, size))[:, 0].numpy() > 0)
-        labels.append(batch["label"].numpy())
+        labels.append(batch.label.numpy())
     gt, fgm, lab = np.concatenate(gts), np.concatenate(fgs), np.concatenate(labels)
     n = len(lab)
     out = {}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from pathoscope.batches import EvalBatch
 from pathoscope.files import atomic_path, write_text
 from pathoscope.metrics import (
     AREA_BINS,
@@ -72,8 +73,6 @@ METRIC_KEYS = (
     *(f"sensitivity_area_{name}" for name in AREA_BINS),
 )
 JSON_KEYS = (*METRIC_KEYS, "lesion_area_counts", "eval_size", "weights", "checkpoint")
-
-_ITEM_KEYS = ("gt_mask", "foreground", "has_mask", "label", "subject", "slice", "index")
 
 
 @dataclass
@@ -177,7 +176,7 @@ class AnomalyMetrics(Callback):
 
     Needs `pl_module.threshold` (`ImageThreshold`), `pl_module.tau_quantile` (float), and
     validation/test steps that return {"score": (B,), "anomaly_map": (B, 1, H, W)} on the
-    evaluation item dicts of docs/batch_contract.md. After an epoch, `results[stage]` (EvalData) and
+    `pathoscope.batches.EvalBatch` of each step. After an epoch, `results[stage]` (EvalData) and
     `metrics[stage]` (dict) hold what was computed; stage is "val" or "test".
     """
 
@@ -223,12 +222,10 @@ class AnomalyMetrics(Callback):
                 "AnomalyMetrics: the validation/test step must return a dict with 'score' (B,) and "
                 f"'anomaly_map' (B, 1, H, W); got {type(outputs).__name__}"
             )
-        if not isinstance(batch, Mapping) or not set(_ITEM_KEYS) <= batch.keys():
-            missing = sorted(
-                set(_ITEM_KEYS) - set(batch.keys() if isinstance(batch, Mapping) else ())
-            )
+        if not isinstance(batch, EvalBatch):
             raise ValueError(
-                f"AnomalyMetrics: the batch must be an evaluation item dict; missing {missing}"
+                "AnomalyMetrics: the batch must be a pathoscope.batches.EvalBatch (a loader with "
+                f"collate_fn=EvalBatch.collate); got {type(batch).__name__}"
             )
         maps = outputs["anomaly_map"].detach()
         if maps.ndim == 3:
@@ -238,7 +235,7 @@ class AnomalyMetrics(Callback):
                 f"AnomalyMetrics: expected anomaly_map (B, 1, H, W); got {tuple(maps.shape)}"
             )
         if self._eval_hw is None:
-            input_hw = batch["image"].shape[-2:] if "image" in batch else maps.shape[-2:]
+            input_hw = batch.image.shape[-2:]
             size = self.eval_size
             self._eval_hw = (
                 (size, size) if size is not None else (int(input_hw[0]), int(input_hw[1]))
@@ -248,14 +245,14 @@ class AnomalyMetrics(Callback):
         buf = self._buffers
         # Resize on the model's device; only eval-size copies reach the CPU buffers.
         buf["maps"].append(_resize_map(maps, hw).cpu().numpy())
-        buf["gt_masks"].append(_resize_mask(_as_4d(batch["gt_mask"]), hw).cpu().numpy())
-        buf["foreground"].append(_resize_mask(_as_4d(batch["foreground"]), hw).cpu().numpy())
+        buf["gt_masks"].append(_resize_mask(_as_4d(batch.gt_mask), hw).cpu().numpy())
+        buf["foreground"].append(_resize_mask(_as_4d(batch.foreground), hw).cpu().numpy())
         buf["scores"].append(_per_item(outputs["score"], b, torch.float32).numpy())
-        buf["labels"].append(_per_item(batch["label"], b, torch.int64).numpy())
-        buf["has_mask"].append(_per_item(batch["has_mask"], b, torch.bool).numpy())
-        buf["index"].append(_per_item(batch["index"], b, torch.int64).numpy())
-        buf["slice"].append(_per_item(batch["slice"], b, torch.int64).numpy())
-        subjects = batch["subject"]
+        buf["labels"].append(_per_item(batch.label, b, torch.int64).numpy())
+        buf["has_mask"].append(_per_item(batch.has_mask, b, torch.bool).numpy())
+        buf["index"].append(_per_item(batch.index, b, torch.int64).numpy())
+        buf["slice"].append(_per_item(batch.slice, b, torch.int64).numpy())
+        subjects = batch.subject
         subjects = [subjects] if isinstance(subjects, str) else [str(s) for s in subjects]
         if len(subjects) != b:
             raise ValueError(f"AnomalyMetrics: {len(subjects)} subjects for a batch of {b} maps")

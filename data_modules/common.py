@@ -5,7 +5,8 @@
   ranks candidates by a hash of (seed, purpose, name), not by a permutation of a list: removing
   a candidate (a bad subject found late) never changes the relative order of the others, and the
   same names give the same split on every machine.
-* `EvalDataset`, `TrainDataset`, `TrainSampler`: item dicts as in docs/batch_contract.md.
+* `EvalDataset`, `TrainDataset`, `TrainSampler`: item dicts, which the loaders stack into the typed
+  batches of `pathoscope.batches` (`EvalBatch`, `TrainBatch`; their fields are the contract).
   Training items depend only on the global index g = epoch * length + i that `TrainSampler`
   yields and on the seed (augmentation and lesion synthesis are seeded from `np.random.default_rng([seed, g])`),
   so batches are identical whatever `num_workers` is.
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_modules.anomaly_synthesis import LesionSynthesizer
 from data_modules.errors import DataError
 from data_modules.transforms import TrainAugmentation, normalize
+from pathoscope.batches import EvalBatch, ImageBatch, TrainBatch
 from pathoscope.feature_grid import FEATURE_STRIDE
 from pathoscope.hparams import check_range
 
@@ -177,7 +179,7 @@ def select_loading(
 
 
 def sample_item(sample: Sample, index: int) -> dict[str, object]:
-    """Evaluation item dict (docs/batch_contract.md) of a Sample."""
+    """Evaluation item dict of a Sample: one item of an `EvalBatch`, unstacked."""
     return {
         "image": normalize(to_rgb(sample.image)),  # (3, S, S)
         "gt_mask": torch.from_numpy(np.ascontiguousarray(sample.gt_mask[None])),  # (1, S, S)
@@ -444,31 +446,34 @@ class FewShotDataModule(L.LightningDataModule):
     def test_dataset(self) -> EvalDataset:
         return EvalDataset(self.split.test)
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, collate: Callable, sampler: Sampler | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             shuffle=False,
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        return self._loader(dataset, TrainSampler(len(dataset)))
+        return self._loader(dataset, TrainBatch.collate, TrainSampler(len(dataset)))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset())
+        return self._loader(self.val_dataset(), EvalBatch.collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset())
+        return self._loader(self.test_dataset(), EvalBatch.collate)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
     # --------------------------------------------------------------- anchor bank input
-    def anchor_images(self, copies: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    def anchor_images(self, copies: int, seed: int = 0) -> ImageBatch:
         """K raw training images, then `copies` augmented copies of each (copy-major order).
 
         Returns `image` (N, 3, S, S) normalised and `foreground` (N, 1, S, S) bool, N = K*(1+copies);
@@ -485,7 +490,7 @@ class FewShotDataModule(L.LightningDataModule):
                 )
                 images.append(image)
                 foregrounds.append(masks["foreground"].astype(bool))
-        return {
-            "image": torch.stack([normalize(im) for im in images]),
-            "foreground": torch.from_numpy(np.stack(foregrounds)[:, None]),
-        }
+        return ImageBatch(
+            image=torch.stack([normalize(im) for im in images]),
+            foreground=torch.from_numpy(np.stack(foregrounds)[:, None]),
+        )

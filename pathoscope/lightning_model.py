@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from pathoscope.batches import ImageBatch, TrainBatch
 from pathoscope.checkpoint import (
     CHECKPOINT_VERSION,
     check_version,
@@ -163,7 +164,7 @@ class PathoScope(L.LightningModule):
             )
         bank = self.model.hp.bank
         batch = dm.anchor_images(copies=bank.copies + bank.heldout_copies, seed=bank.seed)
-        self.model.build_bank(batch["image"], n_bank_images=dm.shots * (1 + bank.copies))
+        self.model.build_bank(batch.image, n_bank_images=dm.shots * (1 + bank.copies))
 
     def on_train_end(self) -> None:
         self.model.clear_feature_pool()
@@ -216,9 +217,9 @@ class PathoScope(L.LightningModule):
             )
         return int(total)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         out = self.model.training_losses(batch, step=self.global_step)
-        b = batch["image"].shape[0]
+        b = batch.size
         logged = {f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}
         self.log_dict(logged, batch_size=b)
         self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
@@ -247,16 +248,16 @@ class PathoScope(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._evaluator = ()
 
-    def _eval_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _eval_step(self, batch: ImageBatch) -> dict[str, Tensor]:
         net = self._evaluator[0] if self._evaluator else self.model
-        score, anomaly_map = net(batch["image"], batch.get("foreground"))
+        score, anomaly_map = net(batch.image, batch.foreground)
         return {"score": score, "anomaly_map": anomaly_map}
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def validation_step(self, batch: ImageBatch, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def test_step(self, batch: ImageBatch, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> InferenceOutput:
-        return self.model(batch["image"], batch.get("foreground"))
+    def predict_step(self, batch: ImageBatch, batch_idx: int) -> InferenceOutput:
+        return self.model(batch.image, batch.foreground)

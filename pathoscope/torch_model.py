@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pathoscope.anchor_bank import AnchorBank
 from pathoscope.backbone import Backbone
+from pathoscope.batches import TrainBatch
 from pathoscope.feature_grid import FEATURE_DIM
 from pathoscope.folded import inference_backbone
 from pathoscope.heads import Adapter, Discriminator, hidden_stats
@@ -181,7 +182,7 @@ class PathoScopeModel(nn.Module):
         )
 
     # -- training -------------------------------------------------------------------------------------
-    def training_losses(self, batch: dict[str, Tensor], step: int = 0) -> dict[str, Tensor]:
+    def training_losses(self, batch: TrainBatch, step: int = 0) -> dict[str, Tensor]:
         """The loss terms of one step (Eq. 5 + Eq. 6); `loss` is the sum of the enabled ones.
 
         `step` (the global step) seeds PiEG's Gaussian start. Also returns, without gradient,
@@ -189,15 +190,15 @@ class PathoScopeModel(nn.Module):
         and on v_s).
         """
         lo = self.hp.losses
-        x_n, x_p = batch["image"], batch["lesion_image"]
+        x_n, x_p = batch.image, batch.lesion_image
         b = x_n.shape[0]
-        v = self.adapter(self.pooled_features(x_n, x_p, batch.get("draw")))  # (2B, h, w, C)
+        v = self.adapter(self.pooled_features(x_n, x_p, batch.draw))  # (2B, h, w, C)
         v_n, v_p = v[:b], v[b:]
         grid = tuple(v.shape[1:3])
-        lesion = mask_to_grid(batch["lesion_mask"], grid, lo.lesion_min_fraction)  # (B, h, w)
+        lesion = mask_to_grid(batch.lesion_mask, grid, lo.lesion_min_fraction)  # (B, h, w)
         foreground = None
-        if lo.global_in_foreground and "foreground" in batch:
-            foreground = mask_to_grid(batch["foreground"], grid, 0.5)
+        if lo.global_in_foreground:
+            foreground = mask_to_grid(batch.foreground, grid, 0.5)
         out: dict[str, Tensor] = {}
 
         # Eq. 1: local contrast between v_n and v_p on the lesion cells.

@@ -6,11 +6,14 @@ or texture, never by mean intensity, so a detector cannot find them by brightnes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from data_modules.synthetic.noise import smooth_noise
+
+if TYPE_CHECKING:
+    from pathoscope.batches import TrainBatch
 
 
 def toy_texture_images(
@@ -66,21 +69,23 @@ def toy_tensors(images: np.ndarray) -> Any:
 
 def toy_training_batch(
     rng: np.random.Generator, n: int, kind: str = "stripes", size: int = 64, synthesizer: Any = None
-) -> dict[str, Any]:
-    """A training batch of toy normals (`toy_texture_images`) and the same images with the project's
-    synthetic lesions, with the training item's keys (stacked): image, lesion_image, lesion_mask
-    (n, 1, S, S) float, foreground (n, 1, S, S) bool (the whole image)."""
+) -> TrainBatch:
+    """A `TrainBatch` of toy normals (`toy_texture_images`) and the same images with the project's
+    synthetic lesions: image, lesion_image, lesion_mask (n, 1, S, S) float, foreground
+    (n, 1, S, S) bool (the whole image), index 0..n-1."""
     import torch
 
     from data_modules.anomaly_synthesis import LesionSynthesizer
+    from pathoscope.batches import TrainBatch
 
     synthesizer = synthesizer or LesionSynthesizer()
     x, _ = toy_texture_images(rng, n, kind, size=size)
     whole = np.ones((size, size), bool)
     pairs = [synthesizer(np.repeat(im[..., None], 3, 2), whole, rng) for im in x]
-    return {
-        "image": toy_tensors(x),
-        "lesion_image": toy_tensors(np.stack([p[0][..., 0] for p in pairs])),
-        "lesion_mask": torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).float(),
-        "foreground": torch.ones(n, 1, size, size, dtype=torch.bool),
-    }
+    return TrainBatch(
+        image=toy_tensors(x),
+        lesion_image=toy_tensors(np.stack([p[0][..., 0] for p in pairs])),
+        lesion_mask=torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).float(),
+        foreground=torch.ones(n, 1, size, size, dtype=torch.bool),
+        index=torch.arange(n),
+    )

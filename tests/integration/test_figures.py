@@ -19,6 +19,7 @@ from PIL import Image
 from callbacks.panels import select_panels
 from pathoscope.app import cli, experiments
 from pathoscope.app.figures import embedding_space, map_grid
+from pathoscope.batches import TrainBatch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Backbone. pretrained=False:UserWarning")
 
@@ -164,11 +165,13 @@ def test_gaussian_embeddings_sit_at_the_cells_pieg_perturbed() -> None:
         embed=lambda x: v,
         synthesize=synthesize,
     )
-    batch = {
-        "image": torch.zeros(b, 3, 8 * h, 8 * w),
-        "lesion_image": torch.zeros(b, 3, 8 * h, 8 * w),
-        "foreground": torch.ones(b, 1, 8 * h, 8 * w, dtype=torch.bool),
-    }
+    batch = TrainBatch(
+        image=torch.zeros(b, 3, 8 * h, 8 * w),
+        lesion_image=torch.zeros(b, 3, 8 * h, 8 * w),
+        lesion_mask=torch.zeros(b, 1, 8 * h, 8 * w),
+        foreground=torch.ones(b, 1, 8 * h, 8 * w, dtype=torch.bool),
+        index=torch.arange(b),
+    )
     sets = embedding_space.synthetic_embeddings(model, [batch], batches=1, seed=0)
     assert sets["pieg"].shape == sets["gaussian"].shape == (4, c)
     torch.testing.assert_close(sets["pieg"] - sets["gaussian"], torch.ones(4, c))

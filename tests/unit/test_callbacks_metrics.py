@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from callbacks import AnomalyMetrics
 from callbacks.metrics import JSON_KEYS
+from pathoscope.batches import EvalBatch
 from pathoscope.metrics import best_dice, image_auroc, pixel_auroc, pro_score
 from pathoscope.postprocess import ImageThreshold
 
@@ -60,25 +61,25 @@ def make_batch(
     index: list[int],
     has_mask: list[bool] | None = None,
     foreground: np.ndarray | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(outputs, batch) as the model's step and the default collate give them."""
+) -> tuple[dict[str, torch.Tensor], EvalBatch]:
+    """(outputs, batch) as the model's step and `EvalBatch.collate` give them."""
     b, h, w = maps.shape
     outputs = {
         "score": torch.tensor(scores, dtype=torch.float32),
         "anomaly_map": torch.from_numpy(maps.astype(np.float32))[:, None],
     }
-    batch = {
-        "image": torch.zeros(b, 3, h, w),
-        "gt_mask": torch.from_numpy(gt_masks.astype(bool))[:, None],
-        "foreground": torch.from_numpy(
-            np.ones((b, h, w), bool) if foreground is None else foreground
-        )[:, None],
-        "has_mask": torch.tensor([True] * b if has_mask is None else has_mask),
-        "label": torch.tensor(labels),
-        "subject": [f"subj{i:03d}" for i in index],
-        "slice": torch.tensor([60 + i for i in index]),
-        "index": torch.tensor(index),
-    }
+    batch = EvalBatch(
+        image=torch.zeros(b, 3, h, w),
+        gt_mask=torch.from_numpy(gt_masks.astype(bool))[:, None],
+        foreground=torch.from_numpy(np.ones((b, h, w), bool) if foreground is None else foreground)[
+            :, None
+        ],
+        has_mask=torch.tensor([True] * b if has_mask is None else has_mask),
+        label=torch.tensor(labels),
+        subject=[f"subj{i:03d}" for i in index],
+        slice=torch.tensor([60 + i for i in index]),
+        index=torch.tensor(index),
+    )
     return outputs, batch
 
 
@@ -352,6 +353,17 @@ def test_bad_step_output_raises_a_clear_error(tmp_path: Path) -> None:
         cb.on_test_batch_end(fake_trainer(tmp_path), FakeModule(), torch.zeros(2), batch, 0)
 
 
+def test_a_dict_batch_raises_a_clear_error(tmp_path: Path) -> None:
+    """The metrics bind to EvalBatch's fields: a plain dict (the former item dicts) is refused."""
+    data = random_set(2, 8, seed=7)
+    outputs, batch = make_batch(data["maps"], [0.1, 0.2], [0, 1], data["gt"], [0, 1])
+    as_dict = dict(vars(batch))
+    with pytest.raises(ValueError, match="must be a pathoscope.batches.EvalBatch"):
+        AnomalyMetrics().on_test_batch_end(
+            fake_trainer(tmp_path), FakeModule(), outputs, as_dict, 0
+        )
+
+
 # -- DDP --------------------------------------------------------------------------------------------
 class DDPItems(Dataset):
     """7 items (odd, so DistributedSampler pads 2 ranks with a repeat of item 0)."""
@@ -403,11 +415,11 @@ class ImageAsMap(L.LightningModule):
         self.threshold.set(tau)
         self.weights_tag = "random"
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         seen = Path(self.hparams.record_dir) / f"seen_rank{self.global_rank}.txt"
         with seen.open("a") as f:
-            f.writelines(f"{int(i)}\n" for i in batch["index"])
-        m = batch["image"][:, :1]
+            f.writelines(f"{int(i)}\n" for i in batch.index)
+        m = batch.image[:, :1]
         return {"score": m.flatten(1).amax(1), "anomaly_map": m}
 
 
@@ -428,7 +440,9 @@ def test_ddp_gathers_every_rank_and_drops_padding(tmp_path: Path, uneven: bool) 
         default_root_dir=str(tmp_path),
     )
     sampler = UnevenRanks() if uneven else None
-    loader = torch.utils.data.DataLoader(DDPItems(), batch_size=2, sampler=sampler)
+    loader = torch.utils.data.DataLoader(
+        DDPItems(), batch_size=2, sampler=sampler, collate_fn=EvalBatch.collate
+    )
     trainer.test(ImageAsMap(str(tmp_path)), dataloaders=loader, verbose=False)
 
     seen = [

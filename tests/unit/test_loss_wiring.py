@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import pathoscope.torch_model as model_module
+from pathoscope.batches import TrainBatch
 from pathoscope.torch_model import PathoScopeModel
 
 B, H, W, C = 2, 4, 4, 384  # feature grid; images are 8x larger (FEATURE_STRIDE)
@@ -82,12 +83,13 @@ def step(monkeypatch: pytest.MonkeyPatch) -> dict:
     lesion[1, :, 16:24, 24:32] = 1.0  # image 1: cell (2, 3)
     foreground = torch.ones(B, 1, 8 * H, 8 * W, dtype=torch.bool)
     foreground[0, :, 24:] = False  # image 0: the last row of cells is background
-    batch = {
-        "image": torch.zeros(B, 3, 8 * H, 8 * W),
-        "lesion_image": torch.zeros(B, 3, 8 * H, 8 * W),
-        "lesion_mask": lesion,
-        "foreground": foreground,
-    }
+    batch = TrainBatch(
+        image=torch.zeros(B, 3, 8 * H, 8 * W),
+        lesion_image=torch.zeros(B, 3, 8 * H, 8 * W),
+        lesion_mask=lesion,
+        foreground=foreground,
+        index=torch.arange(B),
+    )
     out = model.training_losses(batch, step=3)
     assert len(captured) == 1
     return {

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data_modules.brats import BraTSDataModule
+from pathoscope.batches import ImageBatch
 from pathoscope.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_model
 from pathoscope.folded import FoldedDetector
 from pathoscope.hparams import PiEGParams
@@ -94,8 +95,8 @@ def test_checkpoint_round_trip_reproduces_maps(fitted: tuple, brats_root: Path) 
     batch = next(iter(_datamodule(brats_root).test_dataloader()))
     model.eval()
     with torch.no_grad():
-        a = model(batch["image"], batch["foreground"])
-        b = loaded(batch["image"], batch["foreground"])
+        a = model(batch.image, batch.foreground)
+        b = loaded(batch.image, batch.foreground)
     assert torch.equal(a.anomaly_map, b.anomaly_map)
     assert torch.equal(a.score, b.score)
     # The anchor-distance score also survives the round trip (the FAISS index is rebuilt).
@@ -103,7 +104,7 @@ def test_checkpoint_round_trip_reproduces_maps(fitted: tuple, brats_root: Path) 
     loaded.model.with_scoring(source="anchor_distance")
     model.model.with_scoring(source="anchor_distance")
     with torch.no_grad():
-        assert torch.equal(model(batch["image"]).anomaly_map, loaded(batch["image"]).anomaly_map)
+        assert torch.equal(model(batch.image).anomaly_map, loaded(batch.image).anomaly_map)
 
 
 def test_torch_model_loads_without_a_trainer(fitted: tuple, brats_root: Path) -> None:
@@ -118,8 +119,8 @@ def test_torch_model_loads_without_a_trainer(fitted: tuple, brats_root: Path) ->
     batch = next(iter(_datamodule(brats_root).test_dataloader()))
     model.eval()
     with torch.no_grad():
-        a = model(batch["image"], batch["foreground"])
-        b = torch_model(batch["image"], batch["foreground"])
+        a = model(batch.image, batch.foreground)
+        b = torch_model(batch.image, batch.foreground)
     assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.score, b.score)
 
 
@@ -204,7 +205,7 @@ def test_loss_is_sum_of_enabled_terms(brats_root: Path) -> None:
     ]:
         model = _model(losses=switches).model
         anchors = dm.anchor_images(copies=1)
-        model.build_bank(anchors["image"], n_bank_images=2)
+        model.build_bank(anchors.image, n_bank_images=2)
         out = model.training_losses(batch)
         assert terms <= set(out)
         assert not ({"focal", "lc", "bce_n", "bce_s", "gc"} - terms) & set(out)
@@ -262,7 +263,7 @@ def test_pieg_units_scale_the_step(brats_root: Path, units: str) -> None:
     dm = _datamodule(brats_root)
     batch = next(iter(dm.train_dataloader()))
     model = _model(pieg={"units": units, "eta": 0.05, "steps": 1, "noise_std": 0.0}).model
-    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
     scale = float(model.bank.distance_scale)
     assert scale > 0.0 and abs(scale - 1.0) > 0.1  # the two units must differ here
     shift = float(model.training_losses(batch)["pieg_shift"])
@@ -297,7 +298,7 @@ def test_evaluation_steps_use_the_folded_detector_of_current_weights(fitted: tup
         model.model.discriminator.fc2.bias.add_(0.5)  # weights after the previous epoch's training
         model.on_validation_epoch_start()
         assert isinstance(model._evaluator[0], FoldedDetector)  # folded.inference_net's choice
-        out = model.validation_step({"image": x, "foreground": fg}, 0)
+        out = model.validation_step(ImageBatch(image=x, foreground=fg), 0)
         ref = model(x, fg)
     assert (out["anomaly_map"] - ref.anomaly_map).abs().max() < 1e-5
     assert (out["score"] - ref.score).abs().max() < 1e-5
@@ -329,7 +330,7 @@ def test_pieg_direction_reaches_pieg(
     L.seed_everything(0)
     dm = _datamodule(brats_root)
     model = _model(pieg=pieg).model
-    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
     model.training_losses(next(iter(dm.train_dataloader())))
     assert seen == [expected]
 
@@ -356,10 +357,10 @@ def test_synthetic_in_foreground_perturbs_and_scores_only_foreground_cells(
     batch = next(iter(dm.train_dataloader()))
     for on in (False, True):
         model = _model(losses={"synthetic_in_foreground": on}).model
-        model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+        model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
         out = model.training_losses(batch)
-        v_n = model.embed(batch["image"]).detach()
-        fg = mask_to_grid(batch["foreground"], tuple(v_n.shape[1:3]), 0.5)
+        v_n = model.embed(batch.image).detach()
+        fg = mask_to_grid(batch.foreground, tuple(v_n.shape[1:3]), 0.5)
         expected = v_n[fg] if on else v_n.reshape(-1, v_n.shape[-1])
         assert 0 < fg.sum() < fg.numel()  # the batch has background cells
         torch.testing.assert_close(seen["base"].reshape(-1, v_n.shape[-1]), expected)
@@ -368,7 +369,7 @@ def test_synthetic_in_foreground_perturbs_and_scores_only_foreground_cells(
             torch.cat(
                 [
                     v_n.reshape(-1, 384),
-                    model.embed(batch["lesion_image"]).detach().reshape(-1, 384),
+                    model.embed(batch.lesion_image).detach().reshape(-1, 384),
                     seen["v_s"].detach().reshape(-1, 384),
                 ]
             )
@@ -404,7 +405,7 @@ def test_training_losses_wiring(brats_root: Path, monkeypatch: pytest.MonkeyPatc
     dm = _datamodule(brats_root)
     batch = next(iter(dm.train_dataloader()))
     model = _model(pieg={"steps": 3}).model.train()
-    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
     with torch.no_grad():  # away from the identity, so that the adapter's graph shows
         model.adapter.linear.weight.add_(0.05 * torch.randn_like(model.adapter.linear.weight))
     seen: dict = {}
@@ -439,10 +440,10 @@ def test_training_losses_wiring(brats_root: Path, monkeypatch: pytest.MonkeyPatc
     # D: three PiEG passes with the real features' statistics, then the step's own pass on the
     # rows of v_n, v_p and v_s (one BatchNorm batch).
     assert [s is None for s in stats_of_calls] == [False, False, False]
-    cells = batch["image"].shape[0] * 8 * 8  # 64 px images: an 8 x 8 grid
+    cells = batch.image.shape[0] * 8 * 8  # 64 px images: an 8 x 8 grid
     assert head_rows == [2 * cells + seen["v_s"].numel() // seen["v_s"].shape[-1]]
     with torch.no_grad():
-        v_real = model.embed(torch.cat([batch["image"], batch["lesion_image"]]))
+        v_real = model.embed(torch.cat([batch.image, batch.lesion_image]))
         expected = d.batch_stats(v_real)
     for stats in stats_of_calls[:3]:
         assert not any(t.requires_grad for t in stats)

@@ -15,6 +15,7 @@ import torch
 import pathoscope.torch_model as model_module
 from data_modules.brats import BraTSDataModule
 from pathoscope.app import cpu
+from pathoscope.batches import TrainBatch
 from pathoscope.heads import Discriminator, hidden_stats
 from pathoscope.lightning_model import PathoScope, cosine_factor
 from pathoscope.losses import bce, focal_loss, global_distance, mask_to_grid
@@ -33,7 +34,7 @@ def _module(**groups: dict) -> PathoScope:
 
 
 @pytest.fixture(scope="module")
-def batch_and_dm(brats_root: Path) -> tuple[dict, BraTSDataModule]:
+def batch_and_dm(brats_root: Path) -> tuple[TrainBatch, BraTSDataModule]:
     L.seed_everything(0)
     dm = BraTSDataModule(
         str(brats_root), shots=2, image_size=64, n_test_healthy=6, n_test_tumorous=6, batch_size=4
@@ -88,10 +89,10 @@ def test_max_cells_perturbs_a_fresh_random_subset_of_the_cells_pieg_would_pertur
     calls = _spy_pieg(monkeypatch)
     m = 24
     model = _module(pieg={"max_cells": m}, losses={"synthetic_in_foreground": in_foreground}).model
-    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
     outs = [model.training_losses(batch, step=s) for s in (3, 3, 4)]
-    v_n = model.embed(batch["image"], fast_backbone=True).detach()
-    fg = mask_to_grid(batch["foreground"], tuple(v_n.shape[1:3]), 0.5)
+    v_n = model.embed(batch.image, fast_backbone=True).detach()
+    fg = mask_to_grid(batch.foreground, tuple(v_n.shape[1:3]), 0.5)
     pool = v_n[fg] if in_foreground else v_n.reshape(-1, v_n.shape[-1])
     assert pool.shape[0] > 2 * m  # the subset is a real choice
     picked = [_rows_of(c["base"].reshape(-1, pool.shape[1]), pool) for c in calls]
@@ -100,7 +101,7 @@ def test_max_cells_perturbs_a_fresh_random_subset_of_the_cells_pieg_would_pertur
         assert bool((idx[1:] > idx[:-1]).all())  # ... distinct, in the pool's order
     assert torch.equal(picked[0], picked[1]) and not torch.equal(picked[0], picked[2])
     model.discriminator.train()
-    v_p = model.embed(batch["lesion_image"], fast_backbone=True).detach()
+    v_p = model.embed(batch.lesion_image, fast_backbone=True).detach()
     rows = torch.cat([v_n.reshape(-1, 384), v_p.reshape(-1, 384), calls[2]["v_s"].reshape(-1, 384)])
     logits = model.discriminator(rows)
     torch.testing.assert_close(outs[2]["bce_s"], bce(logits[-m:], 1.0))
@@ -115,12 +116,12 @@ def test_max_cells_keeps_eq4_on_the_foreground_of_the_chosen_cells(
     batch, dm = batch_and_dm
     calls = _spy_pieg(monkeypatch)
     model = _module(pieg={"max_cells": 40}, losses={"synthetic_in_foreground": False}).model
-    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
-    v_n = model.embed(batch["image"], fast_backbone=True).detach()
-    fg = mask_to_grid(batch["foreground"], tuple(v_n.shape[1:3]), 0.5).reshape(-1)
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
+    v_n = model.embed(batch.image, fast_backbone=True).detach()
+    fg = mask_to_grid(batch.foreground, tuple(v_n.shape[1:3]), 0.5).reshape(-1)
     synth = model.synthesize(
         v_n,
-        model.embed(batch["lesion_image"], fast_backbone=True).detach(),
+        model.embed(batch.lesion_image, fast_backbone=True).detach(),
         fg.reshape(v_n.shape[:3]),
         step=5,
     )
@@ -141,7 +142,7 @@ def test_max_cells_at_or_above_the_cell_count_changes_nothing(batch_and_dm: tupl
     for max_cells in (0, 100_000):
         torch.manual_seed(0)  # the same initial D
         model = _module(pieg={"max_cells": max_cells}).model
-        model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+        model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
         outs.append(model.training_losses(batch, step=2))
     for key in ("loss", "bce_s", "gc", "pieg_shift"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=0, atol=0)
@@ -346,15 +347,15 @@ def test_losses_max_cells_takes_focal_and_bce_n_over_the_same_seeded_cells_of_v_
     calls = _spy_pieg(monkeypatch)
     m = 40
     model = _module(losses={"max_cells": m}).model
-    model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
     seen = _spy_fc1(model)
     outs, real_rows = [], []
     for step in (3, 3, 4):
         seen.clear()
         outs.append(model.training_losses(batch, step=step))
         real_rows.append(seen[0])
-    v_n = model.embed(batch["image"], fast_backbone=True).detach()
-    v_p = model.embed(batch["lesion_image"], fast_backbone=True).detach()
+    v_n = model.embed(batch.image, fast_backbone=True).detach()
+    v_p = model.embed(batch.lesion_image, fast_backbone=True).detach()
     flat_n, flat_p = v_n.reshape(-1, 384), v_p.reshape(-1, 384)
     assert flat_n.shape[0] > 2 * m
     picked = []
@@ -367,7 +368,7 @@ def test_losses_max_cells_takes_focal_and_bce_n_over_the_same_seeded_cells_of_v_
     assert torch.equal(picked[0], picked[1]) and not torch.equal(picked[0], picked[2])
 
     idx = picked[2]
-    lesion = mask_to_grid(batch["lesion_mask"], tuple(v_n.shape[1:3]), 0.5).reshape(-1)[idx]
+    lesion = mask_to_grid(batch.lesion_mask, tuple(v_n.shape[1:3]), 0.5).reshape(-1)[idx]
     assert 0 < int(lesion.sum()) < m or int(lesion.sum()) == 0  # a real target either way
     model.discriminator.train()
     v_s = calls[2]["v_s"].reshape(-1, 384)
@@ -383,7 +384,7 @@ def test_losses_max_cells_at_or_above_the_cell_count_changes_nothing(batch_and_d
     for max_cells in (0, 100_000):
         torch.manual_seed(0)
         model = _module(losses={"max_cells": max_cells}).model
-        model.build_bank(dm.anchor_images(copies=1)["image"], n_bank_images=2)
+        model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
         outs.append(model.training_losses(batch, step=2))
     for key in ("loss", "focal", "bce_n", "bce_s", "gc", "lc"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=0, atol=0)

@@ -26,7 +26,7 @@ def backbone_features(
     copies, as the bank is built), the rest as held-out features, and the number of copies."""
     grid = (dm.image_size // FEATURE_STRIDE) ** 2
     copies = max(1, math.ceil((n + grid) / (dm.shots * grid)) - 1)  # a few held out beyond n
-    images = dm.anchor_images(copies=copies, seed=0)["image"]
+    images = dm.anchor_images(copies=copies, seed=0).image
     feats = []
     with torch.inference_mode():
         for part in images.split(chunk):

@@ -29,6 +29,7 @@ from pathoscope.app.bench.common import (
     patched,
 )
 from pathoscope.backbone import Backbone
+from pathoscope.batches import TrainBatch
 from pathoscope.hparams import LossParams
 from pathoscope.pieg import CandidateSearch
 
@@ -57,7 +58,7 @@ def set_bank(model: Any, anchors: Tensor, heldout: Tensor) -> None:
     bank.distance_scale = dist.median().clamp_min(1e-6).to(bank.distance_scale)
 
 
-def training_step(model: Any, optimizer: Any, batch: dict[str, Tensor]) -> None:
+def training_step(model: Any, optimizer: Any, batch: TrainBatch) -> None:
     """One automatic-optimisation step as Lightning runs it: zero_grad, losses, backward, step."""
     optimizer.zero_grad()
     out = model.training_losses(batch)
@@ -66,7 +67,7 @@ def training_step(model: Any, optimizer: Any, batch: dict[str, Tensor]) -> None:
 
 
 def check_candidate_search(
-    model: Any, batch: dict[str, Tensor], step_scale: float = 1.0
+    model: Any, batch: TrainBatch, step_scale: float = 1.0
 ) -> dict[str, Any]:
     """Run one step's losses with every CandidateSearch answer compared to the exact search.
 
@@ -145,7 +146,7 @@ def _paired_modules(
 
 
 def _timed_steps(
-    models: dict[str, Any], optimizers: dict[str, Any], batch: dict[str, Tensor], rounds: int
+    models: dict[str, Any], optimizers: dict[str, Any], batch: TrainBatch, rounds: int
 ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
     """Interleaved training steps: ({name: seconds per step}, {name: per step, the seconds of
     each instrumented part and the total}), the warm-up step left out."""
@@ -205,7 +206,7 @@ def _share_rows(
     return rows, med_s, share
 
 
-def _candidate_rows(model: Any, batch: dict[str, Tensor]) -> tuple[list[Row], dict[str, Any]]:
+def _candidate_rows(model: Any, batch: TrainBatch) -> tuple[list[Row], dict[str, Any]]:
     """Rows 3c and 3d: the candidate search against the exact search, PiEG as configured and with
     eta and noise / 10; (rows, the checks)."""
     checks = {
@@ -280,13 +281,13 @@ def bench_training(
 
 
 def bench_search_calls(
-    model: Any, batch: dict[str, Tensor], rounds: int = 3
+    model: Any, batch: TrainBatch, rounds: int = 3
 ) -> tuple[list[Row], dict[str, Any]]:
     """Nearest anchors of every position of a batch: the exact (full) search vs the candidate
     search's set-up (one k-search) and one query 0.01 x distance_scale away (certified)."""
     k = model.hp.bank.knn_candidates
     with torch.no_grad():
-        v = model.embed(batch["image"])
+        v = model.embed(batch.image)
         v = v.reshape(-1, v.shape[-1])
         shifted = v + 0.01 * model.bank.distance_scale * torch.randn_like(v) / math.sqrt(v.shape[1])
     search = CandidateSearch(model.bank, v, k=k)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pathoscope.batches import EvalBatch
 from pathoscope.losses import mask_to_grid
 from pathoscope.torch_model import PathoScopeModel
 
@@ -58,16 +59,17 @@ def real_embeddings(
     fraction = model.hp.losses.lesion_min_fraction
     device = model.tau.device
     for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        x = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(device)
-        v = model.embed(x)  # (b, h, w, C)
+        batch = EvalBatch.collate(
+            [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        )
+        v = model.embed(batch.image.to(device))  # (b, h, w, C)
         grid = tuple(v.shape[1:3])
-        fg = mask_to_grid(torch.stack([it["foreground"] for it in items]), grid, 0.5)
-        gt = mask_to_grid(torch.stack([it["gt_mask"] for it in items]), grid, fraction)
-        for j, it in enumerate(items):
-            if int(it["label"]) == 0:
+        fg = mask_to_grid(batch.foreground, grid, 0.5)
+        gt = mask_to_grid(batch.gt_mask, grid, fraction)
+        for j in range(batch.size):
+            if int(batch.label[j]) == 0:
                 out["normal"].append(v[j][fg[j]].cpu())
-            elif bool(it["has_mask"]):
+            elif bool(batch.has_mask[j]):
                 out["pathological"].append(v[j][gt[j]].cpu())
     return {k: torch.cat(parts) if parts else torch.zeros(0, 0) for k, parts in out.items()}
 
@@ -85,12 +87,12 @@ def synthetic_embeddings(
     for step, batch in enumerate(loader):
         if step >= batches:
             break
-        x_n, x_p = batch["image"].to(device), batch["lesion_image"].to(device)
+        x_n, x_p = batch.image.to(device), batch.lesion_image.to(device)
         b = x_n.shape[0]
         with torch.no_grad():
             v = model.embed(torch.cat([x_n, x_p]))
         v_n, v_p = v[:b], v[b:]
-        fg = mask_to_grid(batch["foreground"].to(device), tuple(v.shape[1:3]), 0.5)
+        fg = mask_to_grid(batch.foreground.to(device), tuple(v.shape[1:3]), 0.5)
         use_fg = fg if model.hp.losses.global_in_foreground else None
         with torch.enable_grad():
             syn = model.synthesize(v_n, v_p, use_fg, step)

@@ -16,6 +16,7 @@ import torch
 from data_modules.brats import BraTSDataModule, normalize_volume
 from data_modules.errors import DataError
 from data_modules.transforms import denormalize
+from pathoscope.batches import TrainBatch
 
 SMALL = {"n_test_healthy": 30, "n_test_tumorous": 40, "image_size": 64, "batch_size": 4}
 SUBJECT = "BraTS20_Training_{:03d}".format
@@ -282,7 +283,7 @@ def test_epoch_length_does_not_depend_on_shots(brats_root: Path) -> None:
         assert len(dm.train_dataloader()) == 3
 
 
-def _batches(dm: BraTSDataModule, epoch: int) -> list[dict[str, torch.Tensor]]:
+def _batches(dm: BraTSDataModule, epoch: int) -> list[TrainBatch]:
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
     return list(loader)
@@ -296,24 +297,25 @@ def test_same_seed_same_batches_whatever_num_workers(brats_root: Path) -> None:
     b.setup()
     for epoch in (0, 1):
         for x, y in zip(_batches(a, epoch), _batches(b, epoch), strict=True):
-            for key in x:
-                assert torch.equal(x[key], y[key]), key
+            for name, value in vars(x).items():
+                other = getattr(y, name)
+                assert (value is None and other is None) or torch.equal(value, other), name
     e0, e1 = _batches(a, 0)[0], _batches(a, 1)[0]
-    assert not torch.equal(e0["image"], e1["image"])  # a new epoch brings new augmentations
+    assert not torch.equal(e0.image, e1.image)  # a new epoch brings new augmentations
 
 
 def test_anchor_images(dm0: BraTSDataModule) -> None:
     out = dm0.anchor_images(copies=2, seed=0)
-    assert out["image"].shape == (6, 3, 64, 64) and out["foreground"].shape == (6, 1, 64, 64)
-    assert out["foreground"].dtype == torch.bool
+    assert out.image.shape == (6, 3, 64, 64) and out.foreground.shape == (6, 1, 64, 64)
+    assert out.foreground.dtype == torch.bool
     raw = dm0.split.train[1]
     expected = np.repeat(raw.image, 3, axis=2)
     np.testing.assert_allclose(
-        denormalize(out["image"][1]).permute(1, 2, 0).numpy(), expected, atol=1e-5
+        denormalize(out.image[1]).permute(1, 2, 0).numpy(), expected, atol=1e-5
     )
-    assert not torch.equal(out["image"][2], out["image"][0])  # augmented copy of image 0
-    assert torch.equal(dm0.anchor_images(copies=2, seed=0)["image"], out["image"])
-    assert not torch.equal(dm0.anchor_images(copies=2, seed=1)["image"][2:], out["image"][2:])
+    assert not torch.equal(out.image[2], out.image[0])  # augmented copy of image 0
+    assert torch.equal(dm0.anchor_images(copies=2, seed=0).image, out.image)
+    assert not torch.equal(dm0.anchor_images(copies=2, seed=1).image[2:], out.image[2:])
 
 
 # ----------------------------------------------------------------------------- root, cache, files

@@ -67,6 +67,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     ),
     "pieg_ascent": ("PiEG ascent (Eq. 3's printed sign)", ["--model.pieg.direction=ascent"]),
     "no_pieg": ("no PiEG steps: v_s = v_n + Gaussian noise", ["--model.pieg.enabled=false"]),
+    "pieg_stop05": (
+        "PiEG stops each cell where D(v_s) reaches 0.5 (D's boundary)",
+        ["--model.pieg.stop_at=0.5"],
+    ),
     "pieg_scale_units": (
         "eta and noise in units of the bank's distance_scale",
         ["--model.pieg.units=distance_scale"],

@@ -105,6 +105,10 @@ class PiEGParams:
             from those PiEG would perturb (ours; 0 = all of them, the paper). BCE(D(v_s), 1) and
             Eq. 4 are means over cells, so a random subset estimates them without bias at a
             fraction of PiEG's discriminator passes and searches.
+        stop_at: a target D(v_s) in (0, 1) at which a position stops moving (ours; 0 = off, the
+            paper: every position takes all `steps`). With "descent" a position moves while
+            D(v_s) < stop_at, with "ascent" while D(v_s) > stop_at; 0.5 keeps v_s at D's
+            boundary instead of walking it to where D already says 1.0.
     """
 
     enabled: bool = True
@@ -118,6 +122,7 @@ class PiEGParams:
     min_distance: float = 0.0
     projection: Literal["none", "hypersphere", "manifold"] = "none"
     max_cells: int = 0
+    stop_at: float = 0.0
 
     RANGES: ClassVar[dict[str, str]] = {
         "eta": "[0, inf)",
@@ -126,6 +131,7 @@ class PiEGParams:
         "noise_mean": "(-inf, inf)",
         "min_distance": "[0, inf)",
         "max_cells": "[0, inf)",
+        "stop_at": "[0, 1)",
     }
 
     def __post_init__(self) -> None:

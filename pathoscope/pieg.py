@@ -193,6 +193,7 @@ def pieg(
     nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     anchors: Tensor | None = None,
     generator: torch.Generator | None = None,
+    score: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Eq. 3: v_s = v_n + delta, delta from `params.steps` moves of eta * g / ||g|| per position.
 
@@ -205,6 +206,10 @@ def pieg(
     `keep_noise=False` drops that start from the result, as Eq. 3 prints it. `enabled=False` takes
     no step (v_s = v_n + the start). delta is detached: v_s carries v_n's graph only. Only
     autograd.grad is used, so no parameter's .grad is touched.
+
+    `params.stop_at` > 0 needs `score(v)`: D's probability (...,) at each position of v (...,
+    C). Before each step, a position whose score has reached stop_at (>= with "descent", <= with
+    "ascent") does not move in that step.
 
     Units: eta, noise_std and noise_mean are multiplied by `feature_unit(params, distance_scale)`;
     min_distance by `distance_scale` (the bank's, as `PathoScopeModel` passes it; 1: as given).
@@ -225,18 +230,31 @@ def pieg(
         + params.noise_mean * unit
     )
     step = eta if params.direction == "ascent" else -eta
+    if params.stop_at > 0.0 and score is None:
+        raise ValueError("pieg: stop_at needs `score` (D's probability at each position)")
     moved = torch.zeros_like(base)
     if eta != 0.0:
         for _ in range(steps):
             v = (base + noise + moved).requires_grad_(True)
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(global_terms(v), v)
-            norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-            moved = moved + step * g / norm.clamp_min(1e-12)
+            move = step * g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-12)
+            if params.stop_at > 0.0:
+                moved = moved + move * _still_moving(score, v.detach(), params)[..., None]
+            else:
+                moved = moved + move
     delta = noise + moved if params.keep_noise else moved
     radius = params.min_distance * distance_scale
     delta = project(base, delta, radius, params.projection, nearest, anchors)
     return v_n + delta.detach()
+
+
+def _still_moving(score: Callable[[Tensor], Tensor], v: Tensor, params: PiEGParams) -> Tensor:
+    """1.0 where D(v) has not reached `params.stop_at` in `params.direction`, else 0.0 (...,)."""
+    with torch.no_grad():
+        p = score(v)
+    below = p < params.stop_at if params.direction == "descent" else p > params.stop_at
+    return below.to(v.dtype)
 
 
 def project(

@@ -305,6 +305,7 @@ class PathoScopeModel(nn.Module):
             nearest=self.bank.nearest,
             anchors=self.bank.anchors,
             generator=gen,
+            score=lambda v: torch.sigmoid(self.discriminator(v, bn_stats=bn_stats)),
         )
         return Synthesis(v_s, d_global_n, search, base, region)
 

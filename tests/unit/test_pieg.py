@@ -200,6 +200,71 @@ def test_same_generator_same_result_and_noise_changes_with_seed(
     assert not torch.equal(a, pieg(v_n, terms, params, generator=gen(6)))
 
 
+# ---------------------------------------------------------------- stopping at a target D(v_s)
+
+
+def _steps_to_target(logit: float, gain: float, steps: int, target: float, up: bool) -> int:
+    """Steps a position takes when each step changes its logit by +gain (up) or -gain, checked
+    before each step: it moves while sigmoid(logit) < target (up) or > target (down)."""
+    taken = 0
+    while taken < steps:
+        p = 1.0 / (1.0 + math.exp(-logit))
+        if (p >= target) if up else (p <= target):
+            break
+        logit += gain if up else -gain
+        taken += 1
+    return taken
+
+
+@pytest.mark.parametrize("direction", ["descent", "ascent"])
+def test_stop_at_stops_each_position_when_d_reaches_the_target(
+    v_n: Tensor, linear_d: nn.Linear, direction: str
+) -> None:
+    """A linear D: each step moves a position eta along +-w/|w|, so its logit changes by eta |w|
+    per step and the number of steps to the target is counted by hand; positions differ in it."""
+    eta, steps, target = 0.3, 12, 0.5
+    w = linear_d.weight.detach()[0]
+    up = direction == "descent"  # descent raises D(v_s), ascent lowers it
+    gain = eta * float(w.norm())
+    # Start each position on the far side of the target, 0.5 to 10 steps from it (logit 0 is
+    # D = 0.5): v_n moved along w to the logit -k gain (descent) or +k gain (ascent).
+    k = 0.5 + 9.5 * torch.rand(SHAPE[:-1], generator=gen(8))
+    wanted = (-k if up else k) * gain
+    with torch.no_grad():
+        v = v_n + ((wanted - linear_d(v_n)[..., 0]) / w.norm() ** 2)[..., None] * w
+    params = PiEGParams(eta=eta, steps=steps, direction=direction, stop_at=target)  # type: ignore[arg-type]
+
+    def score(x: Tensor) -> Tensor:
+        return torch.sigmoid(linear_d(x)[..., 0])
+
+    v_s = pieg(v, bce_terms(linear_d), params, generator=gen(2), score=score)
+    start = pieg(v, bce_terms(linear_d), PiEGParams(eta=0.0), generator=gen(2))
+    with torch.no_grad():
+        l0 = linear_d(start)[..., 0]
+    taken = torch.tensor(
+        [_steps_to_target(float(x), gain, steps, target, up) for x in l0.flatten()]
+    ).reshape(l0.shape)
+    assert 0 < int(taken.min()) and int(taken.max()) < steps and taken.unique().numel() > 2
+    sign = 1.0 if up else -1.0
+    expected = start + sign * eta * taken[..., None].float() * w / w.norm()
+    torch.testing.assert_close(v_s, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        p = score(v_s)
+    assert bool((p >= target).all()) if up else bool((p <= target).all())
+
+
+def test_stop_at_zero_is_the_paper_and_needs_a_score(v_n: Tensor, linear_d: nn.Linear) -> None:
+    terms = bce_terms(linear_d)
+    with pytest.raises(ValueError, match="stop_at needs `score`"):
+        pieg(v_n, terms, PiEGParams(stop_at=0.5), generator=gen())
+
+    def reject(x: Tensor) -> Tensor:
+        raise AssertionError("stop_at 0 must not score")
+
+    a = pieg(v_n, terms, PiEGParams(eta=0.1, steps=3), generator=gen(1), score=reject)
+    assert torch.equal(a, pieg(v_n, terms, PiEGParams(eta=0.1, steps=3), generator=gen(1)))
+
+
 # ---------------------------------------------------------------- side effects and gradients
 
 

@@ -4,6 +4,7 @@ statistics and the step's pass, the cosine learning-rate schedule, and the CPU p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -132,6 +133,33 @@ def test_max_cells_keeps_eq4_on_the_foreground_of_the_chosen_cells(
     expected = dist.mean() / model.bank.distance_scale
     torch.testing.assert_close(synth.d_global_n, expected)
     assert synth.region is not None and torch.equal(synth.region.reshape(-1), inside)
+
+
+def test_stop_at_scores_with_d_under_pieg_frozen_statistics(batch_and_dm: tuple) -> None:
+    """pieg.stop_at in the model: with the target at the median of D(start), scored here as PiEG
+    sees D (BatchNorm frozen at [v_n, v_p]'s statistics), exactly the positions whose start is at
+    or above the target stay at the start, and the others move."""
+    batch, dm = batch_and_dm
+    model = _module(pieg={"steps": 3, "eta": 0.05}).model
+    model.build_bank(dm.anchor_images(copies=1).image, n_bank_images=2)
+    model.discriminator.train()
+    v_n = model.embed(batch.image, fast_backbone=True).detach()
+    v_p = model.embed(batch.lesion_image, fast_backbone=True).detach()
+    fg = mask_to_grid(batch.foreground, tuple(v_n.shape[1:3]), 0.5)
+
+    def v_s_with(**pieg: object) -> torch.Tensor:
+        model.hp = dataclasses.replace(model.hp, pieg=dataclasses.replace(model.hp.pieg, **pieg))
+        return model.synthesize(v_n, v_p, fg, step=7).v_s
+
+    start = v_s_with(enabled=False)
+    stats = model.discriminator.batch_stats(torch.cat([v_n, v_p]))
+    with torch.no_grad():
+        p0 = torch.sigmoid(model.discriminator(start, bn_stats=stats))
+    target = float(p0.median())
+    v_s = v_s_with(enabled=True, stop_at=target)
+    still = (v_s == start).all(-1)
+    assert torch.equal(still, p0 >= target)
+    assert 0 < int(still.sum()) < still.numel()
 
 
 def test_max_cells_at_or_above_the_cell_count_changes_nothing(batch_and_dm: tuple) -> None:

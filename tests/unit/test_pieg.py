@@ -244,7 +244,7 @@ def test_stop_at_stops_each_position_when_d_reaches_the_target(
     taken = torch.tensor(
         [_steps_to_target(float(x), gain, steps, target, up) for x in l0.flatten()]
     ).reshape(l0.shape)
-    assert 0 < int(taken.min()) and int(taken.max()) < steps and taken.unique().numel() > 2
+    assert int(taken.min()) > 0 and int(taken.max()) < steps and taken.unique().numel() > 2
     sign = 1.0 if up else -1.0
     expected = start + sign * eta * taken[..., None].float() * w / w.norm()
     torch.testing.assert_close(v_s, expected, rtol=1e-5, atol=1e-5)

@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"nearest-neighbour distance ratio, pathological to PiEG / to Gaussian: "
         f"{report['nn_ratio_pieg_over_gaussian']:.4f} "
         f"({report['nn_pathological_to_pieg']:.4g} / {report['nn_pathological_to_gaussian']:.4g}; "
-        f"to normal {report['nn_pathological_to_normal']:.4g})"
+        f"to normal {report['nn_pathological_to_normal']:.4g}; the normal cells' own ratio "
+        f"{report['nn_ratio_normal_over_gaussian']:.4f})"
     )
     print("mean D: " + ", ".join(f"{name} {report[f'd_{name}']:.3f}" for name in GROUPS))
     print(f"wrote {out / FIGURE} and {out / REPORT}")

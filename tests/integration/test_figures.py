@@ -105,6 +105,11 @@ def test_embeddings_verb_writes_its_figure_and_number(
     assert ratio == pytest.approx(
         report["nn_pathological_to_pieg"] / report["nn_pathological_to_gaussian"]
     )
+    normal_ratio = report["nn_ratio_normal_over_gaussian"]
+    assert normal_ratio == pytest.approx(
+        report["nn_pathological_to_normal"] / report["nn_pathological_to_gaussian"]
+    )
+    assert f"{normal_ratio:.4f}" in printed
     assert all(0 < report["points"][g] <= 60 for g in embedding_space.GROUPS)
     assert report["points"]["pieg"] == report["points"]["gaussian"]
     assert all(0.0 <= report[f"d_{g}"] <= 1.0 for g in embedding_space.GROUPS)

@@ -139,11 +139,14 @@ def closeness(sets: dict[str, Tensor]) -> dict[str, float]:
     path = sets["pathological"]
     to_pieg = mean_nn_distance(path, sets["pieg"])
     to_gauss = mean_nn_distance(path, sets["gaussian"])
+    to_normal = mean_nn_distance(path, sets["normal"])
     return {
         "nn_ratio_pieg_over_gaussian": to_pieg / to_gauss,
+        # the same ratio for the normal cells themselves: what a v_s that never left v_n scores
+        "nn_ratio_normal_over_gaussian": to_normal / to_gauss,
         "nn_pathological_to_pieg": to_pieg,
         "nn_pathological_to_gaussian": to_gauss,
-        "nn_pathological_to_normal": mean_nn_distance(path, sets["normal"]),
+        "nn_pathological_to_normal": to_normal,
     }
 
 

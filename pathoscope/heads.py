@@ -22,7 +22,13 @@ class Adapter(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, e: Tensor) -> Tensor:
-        return self.linear(e)
+        if e.dim() != 4:
+            return self.linear(e)
+        # A grid (N, h, w, C): the same products as one 1x1 convolution of its channels_last view,
+        # which oneDNN runs (forward and backward) faster than the row matrix product on CPU
+        # (BENCHMARKS.md, run G). The output keeps the (N, h, w, C) layout.
+        y = F.conv2d(e.permute(0, 3, 1, 2), self.linear.weight[:, :, None, None], self.linear.bias)
+        return y.permute(0, 2, 3, 1)
 
 
 class Discriminator(nn.Module):
@@ -48,6 +54,16 @@ class Discriminator(nn.Module):
     def batch_stats(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """BatchNorm's batch mean and (biased) variance of fc1(v) over all positions of v (..., C)."""
         return hidden_stats(self.fc1(v.reshape(-1, v.shape[-1])))
+
+    def fc1_grid(self, v: Tensor) -> Tensor:
+        """fc1 of every position of a grid v (N, h, w, C), as rows (N h w, hidden) in v's order.
+
+        The same products as `fc1(v.reshape(-1, C))`, computed as one 1x1 convolution of the
+        channels_last view of v: on CPU, oneDNN runs it (forward and backward) at about twice the
+        rate of the row matrix product for a training batch's shapes (BENCHMARKS.md, run G).
+        """
+        y = F.conv2d(v.permute(0, 3, 1, 2), self.fc1.weight[:, :, None, None], self.fc1.bias)
+        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
     def head(self, h: Tensor) -> Tensor:
         """Logits (N,) of fc1's output h (N, hidden): BatchNorm as the mode says, LeakyReLU, fc2.

@@ -216,7 +216,8 @@ class PathoScopeModel(nn.Module):
         if rows is not None:
             real, target = real[:, rows.to(v.device)], target[rows.to(target.device)]
         n_cells = real.shape[1]
-        h_real = d.fc1(real.reshape(-1, c))  # (2 n_cells, hidden): v_n's rows, then v_p's
+        # (2 n_cells, hidden): v_n's rows, then v_p's; on the whole grid as one 1x1 convolution
+        h_real = d.fc1(real.reshape(-1, c)) if rows is not None else d.fc1_grid(v)
         bn_stats = hidden_stats(h_real.detach())
         v_s, d_global_n, search, base, region = self.synthesize(
             v_n, v_p, foreground, step, bn_stats=bn_stats
@@ -224,7 +225,7 @@ class PathoScopeModel(nn.Module):
 
         # D once on [v_n, v_p, v_s]: one BatchNorm batch (Eq. 5, Eq. 6). v_s may hold fewer
         # cells than v_n (losses.synthetic_in_foreground, pieg.max_cells), so D sees rows.
-        logits = d.head(torch.cat([h_real, d.fc1(v_s.reshape(-1, c))]))
+        logits = d.head(torch.cat([h_real, d.fc1_grid(v_s)]))
         l_n, l_p, l_s = logits.split([n_cells, n_cells, logits.shape[0] - 2 * n_cells])
         out["focal"] = focal_loss(l_p, target, lo.focal_gamma)
         out["bce_n"] = bce(l_n, 0.0)

@@ -128,3 +128,45 @@ def test_discriminator_with_bn_stats_touches_no_buffer(disc: Discriminator) -> N
     )
     out.sum().backward()  # differentiable w.r.t. the input
     assert v.grad is not None and torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 7, 1)])
+def test_fc1_grid_is_fc1_of_the_rows_in_order_with_the_same_gradients(shape: tuple) -> None:
+    """The 1x1-convolution form of D's first layer: the rows of fc1(v.reshape(-1, C)) in the same
+    order (a non-square grid and a (1, N, 1) column, PiEG's layout), and the same gradients for
+    v, the weight and the bias."""
+    torch.manual_seed(0)
+    d = Discriminator(6, hidden=4)
+    v = torch.randn(*shape, 6, requires_grad=True)
+    probe = torch.randn(shape[0] * shape[1] * shape[2], 4)  # a non-uniform upstream gradient
+    ref = d.fc1(v.reshape(-1, 6))
+    grads_ref = torch.autograd.grad((ref * probe).sum(), [v, d.fc1.weight, d.fc1.bias])
+    out = d.fc1_grid(v)
+    grads = torch.autograd.grad((out * probe).sum(), [v, d.fc1.weight, d.fc1.bias])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 7, 1)])
+def test_adapter_on_a_grid_is_the_per_position_linear_map_with_the_same_gradients(
+    shape: tuple,
+) -> None:
+    """The adapter's 1x1-convolution path for grids (N, h, w, C) gives the per-position linear map
+    in the same layout, and the same gradients for e, the weight and the bias."""
+    torch.manual_seed(0)
+    adapter = Adapter(6)
+    with torch.no_grad():  # away from the identity start, so a transposed weight would show
+        adapter.linear.weight.add_(torch.randn(6, 6))
+        adapter.linear.bias.add_(torch.randn(6))
+    e = torch.randn(*shape, 6, requires_grad=True)
+    probe = torch.randn(*shape, 6)
+    params = [e, adapter.linear.weight, adapter.linear.bias]
+    ref = e @ adapter.linear.weight.T + adapter.linear.bias
+    grads_ref = torch.autograd.grad((ref * probe).sum(), params)
+    out = adapter(e)
+    grads = torch.autograd.grad((out * probe).sum(), params)
+    assert out.shape == e.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)

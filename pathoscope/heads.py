@@ -22,13 +22,7 @@ class Adapter(nn.Module):
             self.linear.bias.zero_()
 
     def forward(self, e: Tensor) -> Tensor:
-        if e.dim() != 4:
-            return self.linear(e)
-        # A grid (N, h, w, C): the same products as one 1x1 convolution of its channels_last view,
-        # which oneDNN runs (forward and backward) faster than the row matrix product on CPU
-        # (BENCHMARKS.md, run G). The output keeps the (N, h, w, C) layout.
-        y = F.conv2d(e.permute(0, 3, 1, 2), self.linear.weight[:, :, None, None], self.linear.bias)
-        return y.permute(0, 2, 3, 1)
+        return grid_linear(e, self.linear) if e.dim() == 4 else self.linear(e)
 
 
 class Discriminator(nn.Module):
@@ -58,12 +52,9 @@ class Discriminator(nn.Module):
     def fc1_grid(self, v: Tensor) -> Tensor:
         """fc1 of every position of a grid v (N, h, w, C), as rows (N h w, hidden) in v's order.
 
-        The same products as `fc1(v.reshape(-1, C))`, computed as one 1x1 convolution of the
-        channels_last view of v: on CPU, oneDNN runs it (forward and backward) at about twice the
-        rate of the row matrix product for a training batch's shapes (BENCHMARKS.md, run G).
+        The same products as `fc1(v.reshape(-1, C))`, by `grid_linear`.
         """
-        y = F.conv2d(v.permute(0, 3, 1, 2), self.fc1.weight[:, :, None, None], self.fc1.bias)
-        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+        return grid_linear(v, self.fc1).reshape(-1, self.fc1.out_features)
 
     def head(self, h: Tensor) -> Tensor:
         """Logits (N,) of fc1's output h (N, hidden): BatchNorm as the mode says, LeakyReLU, fc2.
@@ -83,6 +74,17 @@ class Discriminator(nn.Module):
         weight = self.fc1.weight * scale[:, None]  # (hidden, C)
         bias = (self.fc1.bias - mean) * scale + self.bn.bias
         return self.fc2(self.act(F.linear(flat, weight, bias))).reshape(shape)
+
+
+def grid_linear(v: Tensor, layer: nn.Linear) -> Tensor:
+    """`layer` at every position of a grid v (N, h, w, C) -> (N, h, w, out).
+
+    The same products as `layer(v)`, computed as one 1x1 convolution of v's channels_last view:
+    on CPU, oneDNN runs it (forward and backward) at up to twice the rate of the row matrix
+    product for a training batch's shapes (BENCHMARKS.md, runs G and H).
+    """
+    y = F.conv2d(v.permute(0, 3, 1, 2), layer.weight[:, :, None, None], layer.bias)
+    return y.permute(0, 2, 3, 1)
 
 
 def hidden_stats(h: Tensor) -> tuple[Tensor, Tensor]:

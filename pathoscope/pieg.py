@@ -240,9 +240,8 @@ def pieg(
                 (g,) = torch.autograd.grad(global_terms(v), v)
             move = step * g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-12)
             if params.stop_at > 0.0:
-                moved = moved + move * _still_moving(score, v.detach(), params)[..., None]
-            else:
-                moved = moved + move
+                move = move * _still_moving(score, v.detach(), params)[..., None]
+            moved = moved + move
     delta = noise + moved if params.keep_noise else moved
     radius = params.min_distance * distance_scale
     delta = project(base, delta, radius, params.projection, nearest, anchors)

@@ -299,10 +299,12 @@ def test_sweep_command_line_runs_one_configuration_offline(
     assert cli.main([*argv, "--out", str(tmp_path / "sweeps")]) == cli.EXIT_PARTIAL  # 020 skipped
     assert os.environ["WANDB_MODE"] == "offline"  # never online unless asked
     (folder,) = (tmp_path / "sweeps" / "brats+tiny").iterdir()
-    assert folder.name == "data.shots=2,model.pieg.eta=0.005"
+    # Fig. 5's eta at the paper's T = 20 (the file holds T fixed: brats.yaml runs 10 steps)
+    assert folder.name == "data.shots=2,model.pieg.eta=0.005,model.pieg.steps=20"
     run = folder / "seed0"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["pieg"]["eta"] == 0.005 and config["data"]["init_args"]["shots"] == 2
+    assert config["model"]["pieg"]["steps"] == 20
     assert config["data"]["init_args"]["image_size"] == 64
     logger = config["trainer"]["logger"]
     assert logger["class_path"].endswith("WandbLogger")

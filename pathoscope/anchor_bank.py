@@ -13,12 +13,11 @@ import torch
 from torch import Tensor, nn
 
 BACKENDS = ("faiss", "torch")
-
-
-def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
-    """Squared Euclidean distances (N, M) via ||x||^2 - 2 x.y + ||y||^2, clamped at 0."""
-    d = (x * x).sum(1, keepdim=True) - 2.0 * x @ y.T + (y * y).sum(1)[None]
-    return d.clamp_min_(0.0)
+# On the CPU, a search of at most this many queries runs as one matrix product and a top-k in torch
+# even with the FAISS backend: FAISS's blocked search costs as much for 256 queries as for about
+# 600, and the product with its top-k took 7 against 12 ms for 256 queries of 4,096 x 384 anchors
+# (two threads; BENCHMARKS.md, run K). The same answers up to float ties.
+MATMUL_MAX_QUERIES = 512
 
 
 def greedy_coreset(
@@ -136,6 +135,8 @@ class AnchorBank(nn.Module):
         self.register_buffer("anchors", torch.empty(0, dim))
         self.register_buffer("distance_scale", torch.tensor(1.0))
         self._index: faiss.Index | None = None
+        self.matmul_max_queries = MATMUL_MAX_QUERIES  # FAISS backend: see MATMUL_MAX_QUERIES
+        self._centred_cache: tuple[Any, Tensor, Tensor, Tensor] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @property
@@ -203,21 +204,45 @@ class AnchorBank(nn.Module):
         return self._index
 
     def search(self, x: Tensor, k: int = 1, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-        """k nearest anchors of x (M, C), no gradient: (squared distances (M, k), indices (M, k))."""
+        """k nearest anchors of x (M, C), no gradient: (squared distances (M, k), indices (M, k)).
+
+        The FAISS backend answers through its index, except a CPU search of at most
+        `matmul_max_queries` queries, which runs as the torch backend does (faster there)."""
         if not self.built:
             raise RuntimeError("AnchorBank: the bank is empty; build it first")
         k = min(k, len(self))
         q = x.detach().float()
-        if self.backend == "faiss":
+        most = getattr(self, "matmul_max_queries", MATMUL_MAX_QUERIES)
+        small = q.device.type == "cpu" and q.shape[0] <= most
+        if self.backend == "faiss" and not small:
             sq, idx = self._faiss_index().search(np.ascontiguousarray(q.cpu().numpy()), k)
             return torch.from_numpy(sq).to(x.device), torch.from_numpy(idx).to(x.device)
-        anchors = self.anchors.to(q.device)
+        mean, centred, centred_sq = self._centred(q.device)
         out_d, out_i = [], []
-        for part in q.split(chunk):  # chunked to bound memory at (chunk, A)
-            d, i = torch.topk(_sq_dists(part, anchors), k, dim=1, largest=False)
-            out_d.append(d)
+        for part in (q - mean).split(chunk):  # chunked to bound memory at (chunk, A)
+            # |a|^2 - 2 x.a orders the anchors as |x - a|^2 does, in one pass over (chunk, A);
+            # |x|^2 is added to the k kept values only. Both are centred on the anchors' mean:
+            # the expansion then rounds at the scale of the anchors' spread, not of their norms.
+            d, i = torch.addmm(centred_sq, part, centred.T, alpha=-2.0).topk(
+                k, dim=1, largest=False
+            )
+            out_d.append(d.add_((part * part).sum(1, keepdim=True)).clamp_min_(0.0))
             out_i.append(i)
         return torch.cat(out_d), torch.cat(out_i)
+
+    def _centred(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean (C,), anchors - mean (A, C), their squared norms (A,)) on `device`, cached until
+        the anchors change."""
+        a = self.anchors
+        key = (a.data_ptr(), a._version, tuple(a.shape), a.device, device)
+        cache = getattr(self, "_centred_cache", None)  # None also in banks pickled before it
+        if cache is None or cache[0] != key:
+            anchors = a.detach().to(device).float()
+            mean = anchors.mean(0)
+            centred = (anchors - mean).contiguous()
+            cache = (key, mean, centred, (centred * centred).sum(1))
+            self._centred_cache = cache
+        return cache[1], cache[2], cache[3]
 
     def nearest(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Distance to the nearest anchor (M,), differentiable w.r.t. x (M, C), and its index (M,)."""
@@ -241,8 +266,10 @@ class AnchorBank(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_index"] = None  # rebuilt from the buffer on first use
+        state["_centred_cache"] = None
         return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> AnchorBank:
         self._index = None  # device/dtype moves invalidate the index
+        self._centred_cache = None
         return super()._apply(fn, recurse)

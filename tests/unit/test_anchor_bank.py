@@ -15,7 +15,18 @@ from torch import Tensor, nn
 
 from pathoscope.anchor_bank import AnchorBank, _k_centre, greedy_coreset
 
-BACKENDS = ["faiss", "torch"]
+# "faiss" answers these tests' small query sets by its matrix product (MATMUL_MAX_QUERIES);
+# "faiss-index" is the FAISS backend made to use its index for every query.
+BACKENDS = ["faiss", "faiss-index", "torch"]
+
+
+def make_bank(features: Tensor, backend: str, **kwargs: object) -> AnchorBank:
+    bank = AnchorBank.from_features(
+        features, backend="faiss" if backend == "faiss-index" else backend, **kwargs
+    )
+    if backend == "faiss-index":
+        bank.matmul_max_queries = 0
+    return bank
 
 
 def brute_nearest(x: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,13 +62,11 @@ def data() -> dict[str, Tensor]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ratio", [1.0, 0.3])
 def test_nearest_matches_brute_force(data: dict[str, Tensor], backend: str, ratio: float) -> None:
-    bank = AnchorBank.from_features(
-        data["features"],
-        coreset_ratio=ratio,
-        backend=backend,
-        generator=torch.Generator().manual_seed(0),
+    bank = make_bank(
+        data["features"], backend, coreset_ratio=ratio, generator=torch.Generator().manual_seed(0)
     )
     dist, idx = bank.nearest(data["queries"])
+    assert (bank._index is not None) == (backend == "faiss-index")  # which path answered
     ref_d, ref_i = brute_nearest(data["queries"], bank.anchors)
     assert torch.equal(idx, ref_i)
     torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
@@ -65,7 +74,7 @@ def test_nearest_matches_brute_force(data: dict[str, Tensor], backend: str, rati
 
 
 def test_backends_agree_on_k_nearest(data: dict[str, Tensor]) -> None:
-    faiss_bank = AnchorBank.from_features(data["features"], backend="faiss")
+    faiss_bank = make_bank(data["features"], "faiss-index")
     torch_bank = AnchorBank.from_features(data["features"], backend="torch")
     sq_f, idx_f = faiss_bank.search(data["queries"], k=5)
     sq_t, idx_t = torch_bank.search(data["queries"], k=5, chunk=7)  # several chunks
@@ -77,9 +86,49 @@ def test_backends_agree_on_k_nearest(data: dict[str, Tensor]) -> None:
     torch.testing.assert_close(sq_t.double(), ref_sq, rtol=1e-4, atol=1e-3)
 
 
+def test_faiss_bank_uses_its_index_above_matmul_max_queries(data: dict[str, Tensor]) -> None:
+    bank = make_bank(data["features"], "faiss")
+    bank.matmul_max_queries = 10
+    ref = torch.cdist(data["queries"].double(), bank.anchors.double()).square()
+    ref_sq, ref_idx = ref.topk(4, dim=1, largest=False)
+    sq_small, idx_small = bank.search(data["queries"][:10], k=4)
+    assert bank._index is None  # answered by the matrix product
+    sq, idx = bank.search(data["queries"][:11], k=4)
+    assert bank._index is not None and bank._index.ntotal == len(bank)
+    assert torch.equal(idx_small, ref_idx[:10]) and torch.equal(idx, ref_idx[:11])
+    torch.testing.assert_close(sq_small.double(), ref_sq[:10], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sq_small, sq[:10], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_matrix_product_search_is_exact_far_from_the_origin(
+    data: dict[str, Tensor], backend: str
+) -> None:
+    """Features whose norms dwarf their spacing (|x|^2 ~ 1.4e6, the anchors' spread ~3): the
+    product is taken about the anchors' mean, so it ranks as float64 does. Without the centring,
+    float32 rounds squared distances by ~0.1-0.5 at that norm and near neighbours swap."""
+    offset = 300.0 * torch.ones(16)
+    bank = make_bank(data["features"] + offset, backend)
+    x = data["queries"] + offset
+    ref = torch.cdist(x.double(), bank.anchors.double()).square()
+    ref_sq, ref_idx = ref.topk(8, dim=1, largest=False)
+    sq, idx = bank.search(x, k=8)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(sq.double(), ref_sq, rtol=0, atol=1e-3)
+
+
+def test_matrix_product_search_follows_anchors_changed_in_place(data: dict[str, Tensor]) -> None:
+    bank = make_bank(data["features"], "torch")
+    bank.nearest(data["queries"])  # caches the centred anchors
+    with torch.no_grad():
+        bank.anchors[: len(bank) // 2] += 5.0
+    _, idx = bank.nearest(data["queries"])
+    assert torch.equal(idx, brute_nearest(data["queries"], bank.anchors)[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_is_the_unit_vector_from_the_anchor(data: dict[str, Tensor], backend: str) -> None:
-    bank = AnchorBank.from_features(data["features"], backend=backend)
+    bank = make_bank(data["features"], backend)
     x = data["queries"].clone().requires_grad_(True)
     dist, idx = bank.nearest(x)
     dist.sum().backward()
@@ -92,7 +141,7 @@ def test_gradient_is_the_unit_vector_from_the_anchor(data: dict[str, Tensor], ba
 def test_query_on_an_anchor_has_zero_distance_and_zero_gradient(
     data: dict[str, Tensor], backend: str
 ) -> None:
-    bank = AnchorBank.from_features(data["features"], backend=backend)
+    bank = make_bank(data["features"], backend)
     x = torch.cat([bank.anchors[[3, 17]], data["queries"][:2]]).requires_grad_(True)
     dist, idx = bank.nearest(x)
     assert idx[:2].tolist() == [3, 17]
@@ -222,7 +271,7 @@ def test_distance_scale_is_median_nearest_distance_of_heldout() -> None:
 # ---------------------------------------------------------------- checkpoints and pickling
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_checkpoint_round_trip(data: dict[str, Tensor], backend: str) -> None:
     parent = nn.Module()
     parent.bank = AnchorBank.from_features(
@@ -243,10 +292,11 @@ def test_checkpoint_round_trip(data: dict[str, Tensor], backend: str) -> None:
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
-def test_loading_a_smaller_bank_replaces_the_index(data: dict[str, Tensor]) -> None:
-    big = AnchorBank.from_features(data["features"])
-    big.nearest(data["queries"])  # index built with 300 anchors
-    small = AnchorBank.from_features(data["features"], coreset_ratio=0.1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loading_a_smaller_bank_replaces_the_index(data: dict[str, Tensor], backend: str) -> None:
+    big = make_bank(data["features"], backend)
+    big.nearest(data["queries"])  # index (or the matrix product's centred copy) of 300 anchors
+    small = make_bank(data["features"], backend, coreset_ratio=0.1)
     big.load_state_dict(small.state_dict())
     assert len(big) == 30
     _, idx = big.nearest(data["queries"])
@@ -259,7 +309,7 @@ def test_loading_a_smaller_bank_replaces_the_index(data: dict[str, Tensor]) -> N
 def test_pickle_and_deepcopy_rebuild_the_index(
     data: dict[str, Tensor], clone: Callable[[AnchorBank], AnchorBank]
 ) -> None:
-    bank = AnchorBank.from_features(data["features"], coreset_ratio=0.5)
+    bank = make_bank(data["features"], "faiss-index", coreset_ratio=0.5)
     before = bank.nearest(data["queries"])
     assert bank._index is not None  # the faiss index exists and is not picklable itself
     other = clone(bank)

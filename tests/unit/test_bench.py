@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathoscope.app.bench import common, rss, run
+from pathoscope.app.bench import common, rss, run, training
 from pathoscope.app.bench.common import Sizes, Timers, interleaved, median_spread, paired_ratios
 from pathoscope.app.bench.flops import count_gmac
 from pathoscope.folded import FoldedDetector, fuse_conv_bn, inference_backbone
-from pathoscope.hparams import NetworkParams
+from pathoscope.hparams import NetworkParams, PiEGParams
 from pathoscope.postprocess import GaussianBlur
 from pathoscope.torch_model import PathoScopeModel
 
@@ -190,6 +190,20 @@ def test_bench_sections_at_tiny_sizes(brats_root: Path) -> None:
     assert seconds["glass_baseline"]["search"] == 0.0  # the baseline searches no anchor at all
     assert math.isclose(sum(raw["train"]["full_step_shares"].values()), 1.0)
     assert check["pieg_shift_over_scale"] > 0.0
+    # 3a's ratio in two more PiEG regimes, paired per round, information only.
+    regimes = raw["train"]["regimes"]
+    small_regime = next(v for k, v in regimes.items() if k.startswith("eta, noise / 10"))
+    yaml_regime = next(v for k, v in regimes.items() if k.startswith("as brats.yaml"))
+    assert small_regime["pieg"]["eta"] == pytest.approx(PiEGParams().eta / 10)
+    shipped = training.shipped_pieg()
+    assert shipped["steps"] != TINY.pieg_steps  # the YAML's, not the bench's
+    assert {k: yaml_regime["pieg"][k] for k in shipped} == shipped
+    for regime in (small_regime, yaml_regime):
+        assert len(regime["ratios"]) == TINY.train_rounds
+    info = [
+        r for r in result["rows"] if r["label"].startswith("train step full / GLASS-style, PiEG")
+    ]
+    assert len(info) == 2 and all(r["target"] == "" for r in info)
     for row in result["rows"]:  # a target always comes with a verdict
         assert (row["target"] == "") == (row["passed"] is None), row
     json.dumps({k: v for k, v in result.items() if k != "_rows"})  # bench.json is plain JSON

@@ -10,10 +10,11 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 import pathoscope.torch_model as torch_model_module
@@ -28,9 +29,10 @@ from pathoscope.app.bench.common import (
     paired_ratios,
     patched,
 )
+from pathoscope.app.configs import config_files
 from pathoscope.backbone import Backbone
 from pathoscope.batches import TrainBatch
-from pathoscope.hparams import LossParams
+from pathoscope.hparams import LossParams, PiEGParams
 from pathoscope.pieg import CandidateSearch
 
 TRAIN_RATIO_TARGET = 1.3
@@ -237,6 +239,59 @@ def _candidate_rows(model: Any, batch: TrainBatch) -> tuple[list[Row], dict[str,
     return rows, checks
 
 
+def shipped_pieg() -> dict[str, Any]:
+    """The `model.pieg` settings of the shipped BraTS experiment (its YAMLs merged in order)."""
+    fields = set(PiEGParams.__dataclass_fields__)
+    out: dict[str, Any] = {}
+    for f in config_files("brats"):
+        pieg = ((yaml.safe_load(f.read_text()) or {}).get("model") or {}).get("pieg") or {}
+        out.update({k: v for k, v in pieg.items() if k in fields})
+    return out
+
+
+def _regime_rows(
+    models: dict[str, Any], optimizers: dict[str, Any], batch: TrainBatch, rounds: int
+) -> tuple[list[Row], dict[str, Any]]:
+    """3a's ratio, information only, with PiEG (i) at 3d's eta and noise / 10, the geometry of
+    features 10x larger than the anchors' spacing (a stand-in for pretrained ones: with random
+    weights PiEG's start alone moves a cell ~3 distance scales, so the exact search is then nearly
+    a full search per step), and (ii) at brats.yaml's settings. Each model keeps its direction."""
+    shipped = shipped_pieg()
+    regimes: dict[str, Callable[[PiEGParams], PiEGParams]] = {
+        "eta, noise / 10": lambda pg: replace(
+            pg, eta=pg.eta / 10, noise_std=pg.noise_std / 10, noise_mean=pg.noise_mean / 10
+        ),
+        "as brats.yaml (" + ", ".join(f"{k} {v}" for k, v in shipped.items()) + ")": lambda pg: (
+            replace(pg, **shipped)
+        ),
+    }
+    saved = {name: m.hp for name, m in models.items()}
+    rows, raw = [], {}
+    try:
+        for regime, change in regimes.items():
+            for name, m in models.items():
+                m.hp = replace(saved[name], pieg=change(saved[name].pieg))
+            steps = {
+                name: (lambda n=name: training_step(models[n], optimizers[n], batch))
+                for name in models
+            }
+            times = interleaved(steps, rounds)
+            ratios = paired_ratios(times["pathoscope"], times["glass_baseline"])
+            med, spread = median_spread(ratios)
+            rows.append(
+                Row("3.", f"train step full / GLASS-style, PiEG {regime}", med, "x", spread)
+            )
+            raw[regime] = {
+                "seconds_per_step": times,
+                "ratios": ratios,
+                "pieg": asdict(models["pathoscope"].hp.pieg),
+            }
+    finally:
+        for name, m in models.items():
+            m.hp = saved[name]
+    return rows, raw
+
+
 def bench_training(
     sizes: Sizes, dm: Any, backbone: Any, anchors: Tensor, heldout: Tensor
 ) -> tuple[list[Row], dict[str, Any]]:
@@ -265,7 +320,8 @@ def bench_training(
     share_rows, med_s, share = _share_rows(shares)
     check_rows, checks = _candidate_rows(full, batch)
     search_rows, search_raw = bench_search_calls(full, batch)
-    rows += share_rows + check_rows + search_rows
+    regime_rows, regime_raw = _regime_rows(models, optimizers, batch, sizes.train_rounds)
+    rows += share_rows + check_rows + search_rows + regime_rows
     raw = {
         "seconds_per_step": times,
         "ratios": ratios,
@@ -273,6 +329,7 @@ def bench_training(
         "full_step_shares": share,
         "candidate_check": checks,
         "search_calls": search_raw,
+        "regimes": regime_raw,
         "batch": sizes.train_batch,
         "pieg_steps": sizes.pieg_steps,
         "anchors": len(full.bank),

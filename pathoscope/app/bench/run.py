@@ -9,7 +9,8 @@ Sections, one module each, printed with their targets and PASS/FAIL, all written
   3 train      one training step (losses, backward, optimiser) of PathoSCOPE vs the GLASS-style
                baseline (no contrastive terms, no anchor search; same batch, same ascent steps);
                time shares of backbone, PiEG's discriminator passes and anchor search; the
-               candidate search checked against the exact search.
+               candidate search checked against the exact search; the same ratio with PiEG at
+               eta and noise / 10 and at brats.yaml's settings (information).
   4 coreset    greedy coreset of N backbone features down to the bank size: time and memory.
   5 rss        peak RSS of a few training steps (Trainer.fit) and of testing with the metrics
                callback, each in its own process.
